@@ -1,0 +1,311 @@
+"""`Mail`, what a caller enqueues, and its validation into storable parts.
+
+Validation is pure and runs before any statement is built, so bad input never
+reaches the database and never disturbs the caller's transaction. Addresses are
+ASCII (domains in their punycode form); display names may be any Unicode.
+"""
+
+from __future__ import annotations
+
+import copy
+import email.policy
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage, Message
+from email.utils import formataddr, getaddresses, parseaddr
+
+from .errors import InvalidMail
+from .records import Payload, Recipient
+from .schema import Kind
+
+DEFAULT_MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
+MAX_KEY_LENGTH = 1000
+MAX_HEADER_VALUE_LENGTH = 8000
+
+# Headers the outbox writes itself at render time; a caller may not set them directly.
+OWNED_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "From", "To", "Cc", "Bcc", "Subject", "Reply-To", "Message-ID", "Date",
+        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Sender",
+    )
+)
+
+# C0 and C1 controls, DEL, and the Unicode line/paragraph separators: any of them in a header
+# could split it (header injection) or be rewritten by a relay.
+_HEADER_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u0085]")
+# Bodies may hold line breaks and tabs, but no NUL (PostgreSQL text cannot store it).
+_BODY_FORBIDDEN = re.compile("\x00")
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable ASCII but ':'
+_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_DOMAIN_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _check_header_text(value: str, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidMail(f"{field_name} must be a string, got {type(value).__name__}", field=field_name)
+    if _HEADER_FORBIDDEN.search(value):
+        raise InvalidMail(f"{field_name} contains a control character or line break", field=field_name)
+    if len(value) > MAX_HEADER_VALUE_LENGTH:
+        raise InvalidMail(f"{field_name} is longer than {MAX_HEADER_VALUE_LENGTH} characters", field=field_name)
+    return value
+
+
+def validate_addr_spec(address: str, field_name: str = "address") -> str:
+    """Raise InvalidMail unless `address` is a plain ASCII local@domain address."""
+    local, sep, domain = address.rpartition("@")
+    labels = domain.split(".")
+    if (
+        not sep
+        or len(address) > 254
+        or len(local) > 64
+        or not _LOCAL_PART.fullmatch(local)
+        or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels)
+    ):
+        raise InvalidMail(f"{field_name}: malformed address {address!r}", field=field_name)
+    return address
+
+
+def normalize_address(value: str, field_name: str) -> str:
+    """Validate `"addr@example.com"` or `"Name <addr@example.com>"` and return it normalised."""
+    _check_header_text(value, field_name)
+    name, addr = parseaddr(value)
+    if not addr:
+        raise InvalidMail(f"{field_name}: malformed address {value!r}", field=field_name)
+    validate_addr_spec(addr, field_name)
+    return formataddr((name, addr)) if name else addr
+
+
+def addr_spec(address: str) -> str:
+    """The bare local@domain of a stored (normalised) address, for the SMTP envelope."""
+    return parseaddr(address)[1]
+
+
+def _address_list(value: str | Iterable[str] | None, field_name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise InvalidMail(f"{field_name} must be a list of addresses", field=field_name) from None
+    return tuple(normalize_address(item, field_name) for item in items)
+
+
+def _check_key(value: object, field_name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidMail(f"{field_name} must be a non-empty string", field=field_name)
+    _check_header_text(value, field_name)
+    if len(value) > MAX_KEY_LENGTH:
+        raise InvalidMail(f"{field_name} is longer than {MAX_KEY_LENGTH} characters", field=field_name)
+    return value
+
+
+def _check_when(value: object, field_name: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise InvalidMail(f"{field_name} must be a datetime", field=field_name)
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidMail(f"{field_name} must be timezone-aware", field=field_name)
+    return value
+
+
+@dataclass(frozen=True)
+class Mail:
+    """One e-mail to enqueue.
+
+    `template_id` + `idempotency_key` identify it: enqueueing the same pair again
+    returns the existing delivery. At least one of `text`/`html` is required
+    (or a message, through `Mail.from_message`). `sender` falls back to the
+    outbox's `default_sender`. `send_at` delays the first attempt; after
+    `expires_at` the delivery is dead-lettered (reason ``expired``) instead of
+    sent. Both must be timezone-aware.
+    """
+
+    template_id: str
+    idempotency_key: str
+    to: Sequence[str] = ()
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    cc: Sequence[str] = ()
+    bcc: Sequence[str] = ()
+    sender: str | None = None
+    reply_to: Sequence[str] = ()
+    headers: Mapping[str, str] | Sequence[tuple[str, str]] = field(default_factory=dict)
+    send_at: datetime | None = None
+    expires_at: datetime | None = None
+    # Set by from_message: the caller's MIME message (attachments and all).
+    message: EmailMessage | None = None
+
+    @classmethod
+    def from_message(
+        cls,
+        message: Message,
+        *,
+        template_id: str,
+        idempotency_key: str,
+        send_at: datetime | None = None,
+        expires_at: datetime | None = None,
+    ) -> Mail:
+        """Enqueue a ready `EmailMessage` (attachments, custom MIME structure).
+
+        From/To/Cc/Bcc/Subject/Reply-To are read from the message's headers and
+        stored like any Mail's; the outbox writes Message-ID and Date itself at
+        send time. Bcc is used for the envelope only.
+        """
+        if not isinstance(message, Message):
+            raise InvalidMail("from_message needs an email.message.Message", field="message")
+
+        def addresses(name: str) -> list[str]:
+            values = [str(v) for v in message.get_all(name, [])]
+            if any(_HEADER_FORBIDDEN.search(v) for v in values):
+                raise InvalidMail(f"{name} contains a control character", field=name.lower())
+            return [formataddr(pair) for pair in getaddresses(values) if pair[1]]
+
+        senders = addresses("From")
+        subject = message.get("Subject")
+        return cls(
+            template_id=template_id,
+            idempotency_key=idempotency_key,
+            to=addresses("To"),
+            cc=addresses("Cc"),
+            bcc=addresses("Bcc"),
+            reply_to=addresses("Reply-To"),
+            sender=senders[0] if senders else None,
+            subject=str(subject) if subject is not None else None,
+            send_at=send_at,
+            expires_at=expires_at,
+            message=copy.deepcopy(message),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class PreparedMail:
+    """A validated Mail split into the rows enqueue writes."""
+
+    template_id: str
+    idempotency_key: str
+    payload: Payload
+    recipients: tuple[Recipient, ...]
+    send_at: datetime | None
+    expires_at: datetime | None
+
+
+def _extra_headers(headers: object) -> list[tuple[str, str]]:
+    if isinstance(headers, Mapping):
+        pairs = list(headers.items())
+    else:
+        try:
+            pairs = [tuple(p) for p in headers]  # type: ignore[attr-defined]
+        except TypeError:
+            raise InvalidMail("headers must be a mapping or a list of pairs", field="headers") from None
+    out: list[tuple[str, str]] = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise InvalidMail("headers must be (name, value) pairs", field="headers")
+        name, value = pair
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise InvalidMail(f"malformed header name {name!r}", field="headers")
+        if name.lower() in OWNED_HEADERS:
+            raise InvalidMail(
+                f"header {name!r} is set by the outbox; use the Mail field instead", field="headers"
+            )
+        out.append((name, _check_header_text(value, f"header {name}")))
+    return out
+
+
+def _message_body(message: EmailMessage) -> bytes:
+    stripped = copy.deepcopy(message)
+    for name in list(stripped.keys()):
+        if name.lower() in OWNED_HEADERS - {"mime-version", "content-type", "content-transfer-encoding"}:
+            del stripped[name]
+    for name, value in stripped.items():
+        if name.lower() not in OWNED_HEADERS:
+            _check_header_text(str(value), f"header {name}")
+    return stripped.as_bytes(policy=email.policy.SMTP)
+
+
+def prepare(
+    mail: Mail,
+    *,
+    default_sender: str | None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> PreparedMail:
+    """Validate `mail` and split it into payload and recipients; raise InvalidMail if bad."""
+    if not isinstance(mail, Mail):
+        raise InvalidMail(f"expected a Mail, got {type(mail).__name__}")
+    template_id = _check_key(mail.template_id, "template_id")
+    idempotency_key = _check_key(mail.idempotency_key, "idempotency_key")
+
+    recipients = tuple(
+        Recipient(address, kind)
+        for kind, value in ((Kind.TO, mail.to), (Kind.CC, mail.cc), (Kind.BCC, mail.bcc))
+        for address in _address_list(value, kind.value)
+    )
+    if not recipients:
+        raise InvalidMail("a mail needs at least one recipient (to, cc or bcc)", field="to")
+    if len(recipients) > 1000:
+        raise InvalidMail("a mail may have at most 1000 recipients", field="to")
+
+    sender_value = mail.sender if mail.sender is not None else default_sender
+    if sender_value is None:
+        raise InvalidMail("no sender: set Mail.sender or the outbox's default_sender", field="sender")
+    sender = normalize_address(sender_value, "sender")
+
+    subject = None if mail.subject is None else _check_header_text(mail.subject, "subject")
+    headers = _extra_headers(mail.headers)
+    reply_to = _address_list(mail.reply_to, "reply_to")
+    if reply_to:
+        headers.insert(0, ("Reply-To", ", ".join(reply_to)))
+
+    for name in ("text", "html"):
+        value = getattr(mail, name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise InvalidMail(f"{name} must be a string", field=name)
+            if _BODY_FORBIDDEN.search(value):
+                raise InvalidMail(f"{name} contains a NUL character", field=name)
+
+    html_body: str | None = None
+    if mail.message is not None:
+        if mail.text is not None or mail.html is not None:
+            raise InvalidMail("a mail from a message takes no text or html", field="message")
+        content_type, body = "message/rfc822", _message_body(mail.message)
+    elif mail.text is not None and mail.html is not None:
+        content_type, body, html_body = "multipart/alternative", mail.text.encode(), mail.html
+    elif mail.text is not None:
+        content_type, body = "text/plain", mail.text.encode()
+    elif mail.html is not None:
+        content_type, body = "text/html", mail.html.encode()
+    else:
+        raise InvalidMail("a mail needs text, html, or both", field="text")
+
+    size = (
+        len(body)
+        + len((html_body or "").encode())
+        + len((subject or "").encode())
+        + sum(len(n) + len(v.encode()) for n, v in headers)
+    )
+    if size > max_payload_bytes:
+        raise InvalidMail(
+            f"payload is {size} bytes, over the limit of {max_payload_bytes}", field="body"
+        )
+
+    send_at = _check_when(mail.send_at, "send_at")
+    expires_at = _check_when(mail.expires_at, "expires_at")
+    if send_at is not None and expires_at is not None and expires_at <= send_at:
+        raise InvalidMail("expires_at must be after send_at", field="expires_at")
+
+    return PreparedMail(
+        template_id=template_id,
+        idempotency_key=idempotency_key,
+        payload=Payload(content_type, subject, body, html_body, sender, tuple(headers)),
+        recipients=recipients,
+        send_at=send_at,
+        expires_at=expires_at,
+    )

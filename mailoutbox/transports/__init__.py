@@ -1,0 +1,1 @@
+"""Transports hand a rendered message to the world; see base.Transport."""
