@@ -170,13 +170,9 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.UniqueConstraint(
             "template_id", "idempotency_key", name="mail_deliveries_template_id_idempotency_key_key"
         ),
-        sa.CheckConstraint(
-            _in("status", tuple(Status)), name="mail_deliveries_status_check"
-        ),
+        sa.CheckConstraint(_in("status", tuple(Status)), name="mail_deliveries_status_check"),
         sa.CheckConstraint("template_id <> ''", name="mail_deliveries_template_id_check"),
-        sa.CheckConstraint(
-            "idempotency_key <> ''", name="mail_deliveries_idempotency_key_check"
-        ),
+        sa.CheckConstraint("idempotency_key <> ''", name="mail_deliveries_idempotency_key_check"),
         # Claimed rows are rewritten several times; room on the page keeps those updates HOT.
         postgresql_with={"fillfactor": "80"},
     )

@@ -1,0 +1,91 @@
+"""Run mailoutbox's alembic migrations from the installed package."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic.config import Config
+
+from alembic import command
+
+from .schema import DEFAULT_SCHEMA, validate_schema_name
+
+# Alembic keeps its running environment in module globals, so two migrations in one
+# process must not overlap; across processes the advisory lock in env.py serialises them.
+_alembic_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def script_location() -> Iterator[Path]:
+    """The folder holding env.py and versions/.
+
+    In a wheel the top-level alembic/ folder is shipped as mailoutbox/alembic; in a
+    checkout (editable install) it sits beside the package.
+    """
+    packaged = resources.files("mailoutbox").joinpath("alembic")
+    if packaged.is_dir():
+        with resources.as_file(packaged) as path:
+            yield path
+            return
+    checkout = Path(__file__).resolve().parent.parent / "alembic"
+    if not (checkout / "env.py").is_file():
+        raise FileNotFoundError("mailoutbox's migrations are missing from this installation")
+    yield checkout
+
+
+def alembic_config(connection: sa.Connection, schema: str, location: Path) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(location))
+    cfg.attributes["connection"] = connection
+    cfg.attributes["schema"] = schema
+    return cfg
+
+
+def migrate(
+    engine: sa.Engine | sa.Connection, schema: str = DEFAULT_SCHEMA, *, revision: str = "head"
+) -> None:
+    """Bring the outbox tables in `schema` up to `revision` (alembic upgrade); idempotent.
+
+    Accepts an Engine (the migration commits on its own) or a Connection (it runs
+    in the caller's transaction, which the caller commits). The history lives in
+    `<schema>.mailoutbox_alembic_version`, apart from any host alembic history;
+    concurrent callers are serialised by an advisory lock.
+    """
+    _run(engine, schema, lambda cfg: command.upgrade(cfg, revision))
+
+
+def downgrade(
+    engine: sa.Engine | sa.Connection, schema: str = DEFAULT_SCHEMA, *, revision: str = "base"
+) -> None:
+    """Undo migrations down to `revision`; "base" drops every table the outbox created."""
+    _run(engine, schema, lambda cfg: command.downgrade(cfg, revision))
+
+
+def upgrade_sql(schema: str = DEFAULT_SCHEMA, *, revision: str = "head") -> str:
+    """The DDL of an upgrade as SQL text, for a DBA to review and run (alembic offline mode)."""
+    import io
+
+    validate_schema_name(schema)
+    buffer = io.StringIO()
+    with _alembic_lock, script_location() as location:
+        cfg = Config(output_buffer=buffer)
+        cfg.set_main_option("script_location", str(location))
+        cfg.set_main_option("sqlalchemy.url", "postgresql+psycopg://")
+        cfg.attributes["schema"] = schema
+        command.upgrade(cfg, revision, sql=True)
+    return buffer.getvalue()
+
+
+def _run(engine: sa.Engine | sa.Connection, schema: str, action: Callable[[Config], None]) -> None:
+    validate_schema_name(schema)
+    with _alembic_lock, script_location() as location:
+        if isinstance(engine, sa.Connection):
+            action(alembic_config(engine, schema, location))
+            return
+        with engine.begin() as connection:
+            action(alembic_config(connection, schema, location))

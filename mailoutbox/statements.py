@@ -1,0 +1,697 @@
+"""Pure builders of the Core statements the stores execute. No I/O here.
+
+Every builder takes the `Tables` of one schema and returns a statement whose
+values arrive as bind parameters at execution time, so each statement is built
+once per schema (cached) and its compiled form is reused by SQLAlchemy's cache.
+Batches travel as parallel arrays and come back out through `unnest`, which
+makes a batch of any size one statement and one round trip.
+
+Status constants are rendered as SQL literals, not bind parameters, wherever a
+partial index must match: the planner can only use `mail_deliveries_due_idx`
+when it can prove the query's status filter implies the index predicate.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+
+from .schema import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    Outcome,
+    Status,
+    Tables,
+)
+
+UUID = pg.UUID(as_uuid=True)
+TZ = sa.DateTime(timezone=True)
+_NOW = sa.func.now()
+
+
+def _lit(status: Status | Outcome) -> sa.ColumnElement[str]:
+    return sa.literal_column(f"'{status.value}'", sa.Text)
+
+
+def _status_in(
+    column: sa.ColumnElement[str], statuses: tuple[Status, ...]
+) -> sa.ColumnElement[bool]:
+    return column.in_([_lit(s) for s in statuses])
+
+
+def _array(name: str, item_type: Any) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=pg.ARRAY(item_type))
+
+
+def _seconds(value: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    return value * sa.literal_column("interval '1 second'", sa.Interval)
+
+
+def array_param(column: str) -> str:
+    """The bind parameter name carrying the array for an unnest column.
+
+    Prefixed so that no parameter is named like a column of an UPDATE's target
+    table (SQLAlchemy would otherwise add it to the SET clause).
+    """
+    return f"in_{column}"
+
+
+def _unnest(name: str, *columns: tuple[str, Any]) -> sa.CTE:
+    """A CTE over parallel array parameters: unnest(:in_a, :in_b, ...) AS name(a, b, ...)."""
+    fn = sa.func.unnest(*(_array(array_param(col), typ) for col, typ in columns))
+    rows = fn.table_valued(*(sa.column(col, typ) for col, typ in columns)).render_derived(
+        name=f"{name}_rows"
+    )
+    return sa.select(*rows.c).cte(name)
+
+
+def _next_attempt_no(t: Tables, delivery_id: sa.ColumnElement[Any]) -> sa.ScalarSelect[Any]:
+    """MAX(attempt_no) + 1 for a delivery: monotonic across resend cycles.
+
+    Safe without extra locking because only the holder of the delivery's
+    claim token (or its row lock) appends attempts, and the unique
+    (delivery_id, attempt_no) constraint would catch anyone else.
+    """
+    a = t.attempts
+    return (
+        sa.select(sa.func.coalesce(sa.func.max(a.c.attempt_no), 0) + 1)
+        .where(a.c.delivery_id == delivery_id)
+        .scalar_subquery()
+    )
+
+
+DELIVERY_COLUMNS = (
+    "delivery_id",
+    "template_id",
+    "idempotency_key",
+    "status",
+    "attempts",
+    "next_attempt_at",
+    "payload_id",
+    "last_error",
+    "created_at",
+    "updated_at",
+    "sent_at",
+    "dead_lettered_at",
+    "expires_at",
+    "locked_by",
+    "locked_until",
+)
+
+
+def delivery_columns(t: Tables) -> list[sa.Column[Any]]:
+    return [t.deliveries.c[name] for name in DELIVERY_COLUMNS]
+
+
+# --- enqueue -----------------------------------------------------------------------------
+
+ENQUEUE_MAIL_ARRAYS = (
+    ("delivery_id", UUID),
+    ("template_id", sa.Text),
+    ("idempotency_key", sa.Text),
+    ("payload_id", UUID),
+    ("send_at", TZ),
+    ("expires_at", TZ),
+    ("content_type", sa.Text),
+    ("subject", sa.Text),
+    ("body", sa.LargeBinary),
+    ("html_body", sa.Text),
+    ("sender", sa.Text),
+    ("headers", sa.Text),
+)
+ENQUEUE_RECIPIENT_ARRAYS = (
+    ("r_delivery_id", UUID),
+    ("r_address", sa.Text),
+    ("r_kind", sa.Text),
+    ("r_position", sa.SmallInteger),
+)
+
+
+@functools.lru_cache(maxsize=32)
+def insert_enqueue(t: Tables) -> sa.Select[Any]:
+    """Insert a batch of mails (payload, delivery, recipients) in one statement.
+
+    Returns the delivery_id of every delivery it created. A mail whose
+    (template_id, idempotency_key) already exists, or repeats an earlier mail of
+    the same batch, is skipped by ON CONFLICT DO NOTHING, and its payload and
+    recipients are skipped with it (they join on the deliveries actually
+    inserted), so a duplicate leaves no orphan rows and never raises, leaving
+    the caller's transaction usable. The foreign key from deliveries to payloads
+    is checked at the end of the statement, after both CTEs have run.
+    """
+    d, p, r = t.deliveries, t.payloads, t.recipients
+    mails = _unnest("enqueue_input", *ENQUEUE_MAIL_ARRAYS)
+    inserted = (
+        pg.insert(d)
+        .from_select(
+            [
+                "delivery_id",
+                "template_id",
+                "idempotency_key",
+                "status",
+                "next_attempt_at",
+                "payload_id",
+                "expires_at",
+            ],
+            sa.select(
+                mails.c.delivery_id,
+                mails.c.template_id,
+                mails.c.idempotency_key,
+                _lit(Status.PENDING),
+                sa.func.coalesce(mails.c.send_at, _NOW),
+                mails.c.payload_id,
+                mails.c.expires_at,
+            ),
+        )
+        .on_conflict_do_nothing(index_elements=["template_id", "idempotency_key"])
+        .returning(d.c.delivery_id, d.c.payload_id)
+        .cte("inserted_deliveries")
+    )
+    payloads = (
+        pg.insert(p)
+        .from_select(
+            ["payload_id", "content_type", "subject", "body", "html_body", "sender", "headers"],
+            sa.select(
+                mails.c.payload_id,
+                mails.c.content_type,
+                mails.c.subject,
+                mails.c.body,
+                mails.c.html_body,
+                mails.c.sender,
+                sa.cast(mails.c.headers, pg.JSONB),
+            ).join(inserted, inserted.c.payload_id == mails.c.payload_id),
+        )
+        .cte("inserted_payloads")
+    )
+    rcpts = _unnest("enqueue_recipients", *ENQUEUE_RECIPIENT_ARRAYS)
+    recipients = (
+        pg.insert(r)
+        .from_select(
+            ["recipient_id", "delivery_id", "address", "kind", "position"],
+            sa.select(
+                sa.func.gen_random_uuid(),
+                rcpts.c.r_delivery_id,
+                rcpts.c.r_address,
+                rcpts.c.r_kind,
+                rcpts.c.r_position,
+            ).join(inserted, inserted.c.delivery_id == rcpts.c.r_delivery_id),
+        )
+        .cte("inserted_recipients")
+    )
+    # Data-modifying CTEs run whether or not the main query reads them; add_cte makes
+    # SQLAlchemy render the two that nothing selects from.
+    return sa.select(inserted.c.delivery_id).add_cte(payloads, recipients)
+
+
+@functools.lru_cache(maxsize=32)
+def select_existing_ids(t: Tables) -> sa.Select[Any]:
+    """The delivery ids for (template_id, idempotency_key) pairs, for duplicate enqueues."""
+    d = t.deliveries
+    keys = _unnest("wanted_keys", ("template_id", sa.Text), ("idempotency_key", sa.Text))
+    return sa.select(d.c.template_id, d.c.idempotency_key, d.c.delivery_id).join(
+        keys,
+        sa.and_(
+            d.c.template_id == keys.c.template_id,
+            d.c.idempotency_key == keys.c.idempotency_key,
+        ),
+    )
+
+
+# --- claim -------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def claim_due(t: Tables) -> sa.Select[Any]:
+    """Lease up to :limit due deliveries to :worker and return them ready to send.
+
+    Parameters: limit, worker, token, lease_seconds, exclude (uuid[]).
+
+    Due means pending/retrying with next_attempt_at <= now(), or sending with an
+    expired lease: a claim sets next_attempt_at to the lease expiry, so one
+    range scan of the partial due index, in next_attempt_at order, finds both.
+    FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint rows without
+    waiting on each other. `exclude` holds the ids this tick already handled, so
+    a delivery retried with zero delay is not claimed twice in one tick.
+    Attempts are counted at claim time, so a delivery whose send kills its
+    worker still runs out of attempts. Taking over an expired lease records a
+    `lease_expired` attempt for the worker that lost it. Payload and recipients
+    come back in the same round trip.
+    """
+    d, p, r = t.deliveries, t.payloads, t.recipients
+    picked = (
+        sa.select(
+            d.c.delivery_id,
+            d.c.status.label("previous_status"),
+            d.c.locked_by.label("previous_worker"),
+            d.c.updated_at.label("previous_claimed_at"),
+            d.c.next_attempt_at.label("due_at"),
+        )
+        .where(
+            _status_in(d.c.status, ACTIVE_STATUSES),
+            d.c.next_attempt_at <= _NOW,
+            d.c.delivery_id != sa.func.all(_array("exclude", UUID)),
+        )
+        .order_by(d.c.next_attempt_at)
+        .limit(sa.bindparam("limit"))
+        .with_for_update(skip_locked=True)
+        .cte("picked")
+    )
+    lease_end = _NOW + _seconds(sa.bindparam("lease_seconds", type_=sa.Float))
+    claimed = (
+        sa.update(d)
+        .where(d.c.delivery_id == picked.c.delivery_id)
+        .values(
+            status=_lit(Status.SENDING),
+            attempts=d.c.attempts + 1,
+            locked_by=sa.bindparam("worker", type_=sa.Text),
+            claim_token=sa.bindparam("token", type_=UUID),
+            locked_until=lease_end,
+            next_attempt_at=lease_end,
+            updated_at=_NOW,
+        )
+        .returning(
+            d.c.delivery_id,
+            d.c.template_id,
+            d.c.idempotency_key,
+            d.c.attempts,
+            d.c.created_at,
+            d.c.expires_at,
+            d.c.payload_id,
+            d.c.claim_token,
+            d.c.locked_until,
+            picked.c.previous_status,
+            picked.c.previous_worker,
+            picked.c.previous_claimed_at,
+            picked.c.due_at,
+        )
+        .cte("claimed")
+    )
+    lost = (
+        pg.insert(t.attempts)
+        .from_select(
+            [
+                "attempt_id",
+                "delivery_id",
+                "attempt_no",
+                "started_at",
+                "finished_at",
+                "outcome",
+                "error",
+                "error_class",
+                "worker",
+            ],
+            sa.select(
+                sa.func.gen_random_uuid(),
+                claimed.c.delivery_id,
+                _next_attempt_no(t, claimed.c.delivery_id),
+                claimed.c.previous_claimed_at,
+                _NOW,
+                _lit(Outcome.LEASE_EXPIRED),
+                sa.literal("the worker's lease expired before it completed the delivery"),
+                sa.literal("LeaseExpired"),
+                claimed.c.previous_worker,
+            ).where(claimed.c.previous_status == _lit(Status.SENDING)),
+        )
+        .cte("lost_leases")
+    )
+    recipients = (
+        sa.select(
+            sa.func.array_agg(aggregate_order_by(r.c.address, r.c.position)).label("addresses"),
+            sa.func.array_agg(aggregate_order_by(r.c.kind, r.c.position)).label("kinds"),
+        )
+        .where(r.c.delivery_id == claimed.c.delivery_id)
+        .lateral("claimed_recipients")
+    )
+    return (
+        sa.select(
+            claimed,
+            _NOW.label("claimed_at"),
+            p.c.content_type,
+            p.c.subject,
+            p.c.body,
+            p.c.html_body,
+            p.c.sender,
+            p.c.headers,
+            recipients.c.addresses,
+            recipients.c.kinds,
+        )
+        .select_from(claimed)
+        .join(p, p.c.payload_id == claimed.c.payload_id)
+        .join(recipients, sa.true())
+        .order_by(claimed.c.due_at, claimed.c.delivery_id)
+        .add_cte(lost)
+    )
+
+
+# --- completion --------------------------------------------------------------------------
+
+COMPLETION_ARRAYS = (
+    ("delivery_id", UUID),
+    ("claim_token", UUID),
+    ("status", sa.Text),
+    ("retry_delay", sa.Float),
+    ("reason", sa.Text),
+    ("outcome", sa.Text),
+    ("duration", sa.Float),
+    ("error", sa.Text),
+    ("error_class", sa.Text),
+    ("smtp_code", sa.Integer),
+    ("smtp_enhanced_code", sa.Text),
+    ("refused", sa.Text),
+    ("worker", sa.Text),
+)
+
+
+@functools.lru_cache(maxsize=32)
+def complete_claimed(t: Tables) -> sa.Select[Any]:
+    """Complete a batch of claimed deliveries, each only if its claim still holds.
+
+    One statement per batch: set each delivery's new status (sent, retrying with
+    next_attempt_at = now() + retry_delay, or dead_lettered), release the lease,
+    append the attempt row (where `outcome` is not NULL) and the dead-letter
+    row. The fence is `claim_token` + status `sending`: a worker whose lease
+    was taken over changes nothing, not even the attempt history. Returns the
+    ids that were completed.
+    """
+    d = t.deliveries
+    v = _unnest("completion_input", *COMPLETION_ARRAYS)
+
+    def is_(status: Status) -> sa.ColumnElement[bool]:
+        return v.c.status == _lit(status)
+
+    completed = (
+        sa.update(d)
+        .where(
+            d.c.delivery_id == v.c.delivery_id,
+            d.c.claim_token == v.c.claim_token,
+            d.c.status == _lit(Status.SENDING),
+        )
+        .values(
+            status=v.c.status,
+            next_attempt_at=sa.case(
+                (is_(Status.RETRYING), _NOW + _seconds(v.c.retry_delay)), else_=sa.null()
+            ),
+            sent_at=sa.case((is_(Status.SENT), _NOW), else_=d.c.sent_at),
+            dead_lettered_at=sa.case((is_(Status.DEAD_LETTERED), _NOW), else_=d.c.dead_lettered_at),
+            last_error=v.c.reason,
+            locked_by=sa.null(),
+            locked_until=sa.null(),
+            claim_token=sa.null(),
+            updated_at=_NOW,
+        )
+        .returning(d.c.delivery_id)
+        .cte("completed")
+    )
+    done = sa.select(v).join(completed, completed.c.delivery_id == v.c.delivery_id).cte("done")
+    attempts = (
+        pg.insert(t.attempts)
+        .from_select(
+            [
+                "attempt_id",
+                "delivery_id",
+                "attempt_no",
+                "started_at",
+                "finished_at",
+                "outcome",
+                "error",
+                "error_class",
+                "smtp_code",
+                "smtp_enhanced_code",
+                "refused",
+                "worker",
+            ],
+            sa.select(
+                sa.func.gen_random_uuid(),
+                done.c.delivery_id,
+                _next_attempt_no(t, done.c.delivery_id),
+                _NOW - _seconds(done.c.duration),
+                _NOW,
+                done.c.outcome,
+                done.c.error,
+                done.c.error_class,
+                done.c.smtp_code,
+                done.c.smtp_enhanced_code,
+                sa.cast(done.c.refused, pg.JSONB),
+                done.c.worker,
+            ).where(done.c.outcome.is_not(None)),
+        )
+        .cte("completion_attempts")
+    )
+    dead_letters = (
+        pg.insert(t.dead_letters)
+        .from_select(
+            ["dead_letter_id", "delivery_id", "archived_at", "reason"],
+            sa.select(sa.func.gen_random_uuid(), done.c.delivery_id, _NOW, done.c.reason).where(
+                done.c.status == _lit(Status.DEAD_LETTERED)
+            ),
+        )
+        .cte("completion_dead_letters")
+    )
+    return sa.select(done.c.delivery_id).add_cte(attempts, dead_letters)
+
+
+@functools.lru_cache(maxsize=32)
+def release_claimed(t: Tables) -> sa.Update:
+    """Give leased deliveries back untouched (a worker shutting down before sending them).
+
+    Fenced like completion; the attempt counted at claim is handed back too.
+    """
+    d = t.deliveries
+    return (
+        sa.update(d)
+        .where(
+            d.c.delivery_id == sa.func.any(_array("delivery_ids", UUID)),
+            d.c.claim_token == sa.bindparam("token", type_=UUID),
+            d.c.status == _lit(Status.SENDING),
+        )
+        .values(
+            status=sa.case((d.c.attempts > 1, _lit(Status.RETRYING)), else_=_lit(Status.PENDING)),
+            attempts=d.c.attempts - 1,
+            next_attempt_at=_NOW,
+            locked_by=sa.null(),
+            locked_until=sa.null(),
+            claim_token=sa.null(),
+            updated_at=_NOW,
+        )
+    )
+
+
+# --- reads -------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def select_delivery(t: Tables) -> sa.Select[Any]:
+    """One delivery by :delivery_id."""
+    d = t.deliveries
+    return sa.select(*delivery_columns(t)).where(
+        d.c.delivery_id == sa.bindparam("delivery_id", type_=UUID)
+    )
+
+
+def list_deliveries(t: Tables, *, status: Status | None, template_id: str | None) -> sa.Select[Any]:
+    """A page of deliveries, newest first (:offset, :limit), optionally filtered."""
+    d = t.deliveries
+    return (
+        sa.select(*delivery_columns(t))
+        .where(*_delivery_filters(t, status, template_id))
+        .order_by(d.c.created_at.desc(), d.c.delivery_id.desc())
+        .offset(sa.bindparam("offset"))
+        .limit(sa.bindparam("limit"))
+    )
+
+
+def count_deliveries(
+    t: Tables, *, status: Status | None, template_id: str | None
+) -> sa.Select[Any]:
+    """The total behind list_deliveries."""
+    return (
+        sa.select(sa.func.count())
+        .select_from(t.deliveries)
+        .where(*_delivery_filters(t, status, template_id))
+    )
+
+
+def _delivery_filters(
+    t: Tables, status: Status | None, template_id: str | None
+) -> list[sa.ColumnElement[bool]]:
+    d = t.deliveries
+    filters = []
+    if status is not None:
+        filters.append(d.c.status == sa.bindparam("status", type_=sa.Text))
+    if template_id is not None:
+        filters.append(d.c.template_id == sa.bindparam("template_id", type_=sa.Text))
+    return filters
+
+
+@functools.lru_cache(maxsize=32)
+def select_recipients(t: Tables) -> sa.Select[Any]:
+    """A delivery's recipients in their stored order."""
+    r = t.recipients
+    return (
+        sa.select(r.c.address, r.c.kind)
+        .where(r.c.delivery_id == sa.bindparam("delivery_id", type_=UUID))
+        .order_by(r.c.position)
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def select_payload(t: Tables) -> sa.Select[Any]:
+    """A delivery's stored parts."""
+    d, p = t.deliveries, t.payloads
+    return (
+        sa.select(p.c.content_type, p.c.subject, p.c.body, p.c.html_body, p.c.sender, p.c.headers)
+        .join(d, d.c.payload_id == p.c.payload_id)
+        .where(d.c.delivery_id == sa.bindparam("delivery_id", type_=UUID))
+    )
+
+
+ATTEMPT_COLUMNS = (
+    "attempt_id",
+    "delivery_id",
+    "attempt_no",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "error",
+    "error_class",
+    "smtp_code",
+    "smtp_enhanced_code",
+    "refused",
+    "worker",
+)
+
+
+@functools.lru_cache(maxsize=32)
+def select_attempts(t: Tables) -> sa.Select[Any]:
+    """Every attempt of a delivery, by attempt_no."""
+    a = t.attempts
+    return (
+        sa.select(*(a.c[name] for name in ATTEMPT_COLUMNS))
+        .where(a.c.delivery_id == sa.bindparam("delivery_id", type_=UUID))
+        .order_by(a.c.attempt_no)
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def list_dead_letters(t: Tables) -> sa.Select[Any]:
+    """A page of dead letters, newest first."""
+    dl = t.dead_letters
+    return (
+        sa.select(dl.c.dead_letter_id, dl.c.delivery_id, dl.c.archived_at, dl.c.reason)
+        .order_by(dl.c.archived_at.desc(), dl.c.dead_letter_id.desc())
+        .offset(sa.bindparam("offset"))
+        .limit(sa.bindparam("limit"))
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def count_dead_letters(t: Tables) -> sa.Select[Any]:
+    return sa.select(sa.func.count()).select_from(t.dead_letters)
+
+
+@functools.lru_cache(maxsize=32)
+def count_by_status(t: Tables) -> sa.Executable:
+    d = t.deliveries
+    return sa.select(d.c.status, sa.func.count()).group_by(d.c.status)
+
+
+@functools.lru_cache(maxsize=32)
+def select_queue_health(t: Tables) -> sa.Executable:
+    """Age in seconds of the oldest due delivery (0 when none), and leases in flight."""
+    d = t.deliveries
+    waiting = sa.and_(
+        _status_in(d.c.status, (Status.PENDING, Status.RETRYING)), d.c.next_attempt_at <= _NOW
+    )
+    oldest = sa.func.min(sa.case((waiting, d.c.next_attempt_at)))
+    return sa.select(
+        sa.func.coalesce(sa.extract("epoch", _NOW - oldest), 0).label("oldest_due_seconds"),
+        sa.func.count().filter(d.c.status == _lit(Status.SENDING)).label("leased"),
+    ).where(_status_in(d.c.status, ACTIVE_STATUSES))
+
+
+# --- operator actions ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def resend_unless_sent_or_sending(t: Tables) -> sa.Update:
+    """Re-arm a delivery for a new cycle: pending now, attempts 0, no expiry, no lease.
+
+    The status guard makes the database the arbiter when resend races a worker:
+    a delivery in flight (sending) or already sent is left alone, and the
+    caller reads the row to say why. attempt history is kept.
+    """
+    d = t.deliveries
+    return (
+        sa.update(d)
+        .where(
+            d.c.delivery_id == sa.bindparam("target_id", type_=UUID),
+            d.c.status.not_in([_lit(Status.SENT), _lit(Status.SENDING)]),
+        )
+        .values(
+            status=_lit(Status.PENDING),
+            attempts=0,
+            next_attempt_at=_NOW,
+            dead_lettered_at=sa.null(),
+            expires_at=sa.null(),
+            last_error="",
+            locked_by=sa.null(),
+            locked_until=sa.null(),
+            claim_token=sa.null(),
+            updated_at=_NOW,
+        )
+        .returning(*delivery_columns(t))
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def cancel_if_waiting(t: Tables) -> sa.Update:
+    """Cancel a delivery that is pending or retrying (not one in flight or finished)."""
+    d = t.deliveries
+    return (
+        sa.update(d)
+        .where(
+            d.c.delivery_id == sa.bindparam("target_id", type_=UUID),
+            _status_in(d.c.status, (Status.PENDING, Status.RETRYING)),
+        )
+        .values(status=_lit(Status.CANCELLED), next_attempt_at=sa.null(), updated_at=_NOW)
+        .returning(*delivery_columns(t))
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def notify_due(t: Tables) -> sa.Select[Any]:
+    """Wake listening workers (delivered when the transaction commits)."""
+    return sa.select(sa.func.pg_notify(sa.literal(t.notify_channel), sa.literal("")))
+
+
+@functools.lru_cache(maxsize=32)
+def purge_terminal_batch(t: Tables) -> sa.Select[Any]:
+    """Delete up to :batch terminal deliveries last updated more than :age_seconds ago.
+
+    Their recipients, attempts and dead letters go by ON DELETE CASCADE and their
+    payloads in the same statement. SKIP LOCKED keeps purge out of the way of
+    anything else touching those rows. Returns how many deliveries went.
+    """
+    d, p = t.deliveries, t.payloads
+    doomed = (
+        sa.select(d.c.delivery_id)
+        .where(
+            _status_in(d.c.status, TERMINAL_STATUSES),
+            d.c.updated_at < _NOW - _seconds(sa.bindparam("age_seconds", type_=sa.Float)),
+        )
+        .limit(sa.bindparam("batch"))
+        .with_for_update(skip_locked=True)
+        .cte("doomed")
+    )
+    gone = (
+        sa.delete(d)
+        .where(d.c.delivery_id == doomed.c.delivery_id)
+        .returning(d.c.payload_id)
+        .cte("gone_deliveries")
+    )
+    payloads = sa.delete(p).where(p.c.payload_id == gone.c.payload_id).cte("gone_payloads")
+    return sa.select(sa.func.count()).select_from(gone).add_cte(payloads)

@@ -1,0 +1,41 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import sqlalchemy as sa
+
+from mailoutbox import Mail
+
+_keys = itertools.count()
+
+
+def make_mail(**overrides: Any) -> Mail:
+    """A valid text mail with a unique idempotency key unless one is given."""
+    values: dict[str, Any] = {
+        "template_id": "welcome",
+        "idempotency_key": f"key-{next(_keys)}",
+        "to": ["alice@example.com"],
+        "subject": "Welcome",
+        "text": "Hello Alice",
+    }
+    values.update(overrides)
+    return Mail(**values)
+
+
+def row_counts(engine: sa.Engine, schema: str = "mailoutbox") -> dict[str, int]:
+    """Rows in each outbox table."""
+    tables = (
+        "mail_deliveries",
+        "mail_payloads",
+        "mail_recipients",
+        "mail_attempts",
+        "mail_dead_letters",
+    )
+    with engine.connect() as conn:
+        return {
+            t: conn.execute(sa.text(f'SELECT count(*) FROM "{schema}".{t}')).scalar_one()
+            for t in tables
+        }

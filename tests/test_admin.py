@@ -1,0 +1,249 @@
+"""Reading and repairing the outbox: get, list, count, resend, cancel, purge."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from mailoutbox import (
+    DeliveryNotFound,
+    InvalidTransition,
+    Outbox,
+    Outcome,
+    ResendOnSent,
+    SchemaNotMigrated,
+    Status,
+)
+from mailoutbox.records import AttemptRecord, Completion
+
+from .factories import make_mail, row_counts
+from .test_store_claim import claim, complete, expire_leases
+
+
+def finish(
+    engine: sa.Engine, outbox: Outbox, status: Status, outcome: Outcome, reason: str = ""
+) -> uuid.UUID:
+    """Enqueue one mail and take it through one attempt to `status`."""
+    enq = outbox.enqueue(make_mail())
+    [c] = claim(engine, outbox)
+    complete(
+        engine,
+        outbox,
+        Completion(c.delivery_id, c.claim_token, status, AttemptRecord(outcome), 0.0, reason),
+    )
+    return enq.delivery_id
+
+
+def age_everything(engine: sa.Engine, days: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"UPDATE mailoutbox.mail_deliveries SET updated_at = now() - interval '{days} days'"
+            )
+        )
+
+
+def test_get_unknown_delivery_raises_delivery_not_found(outbox: Outbox) -> None:
+    """Unknown and malformed ids raise DeliveryNotFound."""
+    with pytest.raises(DeliveryNotFound):
+        outbox.get_delivery(uuid.uuid4())
+    with pytest.raises(DeliveryNotFound):
+        outbox.get_delivery("not-a-uuid")
+    with pytest.raises(DeliveryNotFound):
+        outbox.list_attempts(uuid.uuid4())
+
+
+def test_get_delivery_accepts_the_id_as_text(outbox: Outbox) -> None:
+    """An id copied from a log line works as well as a UUID."""
+    enq = outbox.enqueue(make_mail())
+    assert outbox.get_delivery(str(enq.delivery_id)).delivery_id == enq.delivery_id
+
+
+def test_list_deliveries_is_newest_first_with_total(outbox: Outbox) -> None:
+    """Pages run newest first and carry the total row count."""
+    ids = [outbox.enqueue(make_mail()).delivery_id for _ in range(5)]
+    page = outbox.list_deliveries(offset=0, limit=2)
+    assert page.total == 5
+    assert [d.delivery_id for d in page.items] == ids[::-1][:2]
+    rest = outbox.list_deliveries(offset=2, limit=10)
+    assert [d.delivery_id for d in rest.items] == ids[::-1][2:]
+    assert outbox.list_deliveries(offset=10).items == []
+
+
+def test_list_deliveries_filters_by_status_and_template(engine: sa.Engine, outbox: Outbox) -> None:
+    """The status filter and the template filter narrow items and total alike."""
+    sent_id = finish(engine, outbox, Status.SENT, Outcome.SENT)
+    outbox.enqueue(make_mail(template_id="receipt"))
+    outbox.enqueue(make_mail(template_id="receipt"))
+    page = outbox.list_deliveries(status=Status.SENT)
+    assert page.total == 1 and page.items[0].delivery_id == sent_id
+    assert outbox.list_deliveries(status="pending").total == 2
+    assert outbox.list_deliveries(template_id="receipt").total == 2
+    assert outbox.list_deliveries(status="pending", template_id="welcome").total == 0
+
+
+def test_list_deliveries_rejects_bad_paging(outbox: Outbox) -> None:
+    """Negative offsets, zero or huge limits and unknown statuses are ValueErrors."""
+    for kwargs in ({"offset": -1}, {"limit": 0}, {"limit": 100_000}, {"status": "lost"}):
+        with pytest.raises(ValueError):
+            outbox.list_deliveries(**kwargs)  # type: ignore[arg-type]
+
+
+def test_count_by_status_includes_every_state(engine: sa.Engine, outbox: Outbox) -> None:
+    """Every state is a key, zeros included."""
+    assert outbox.count_by_status() == {s: 0 for s in Status}
+    finish(engine, outbox, Status.DEAD_LETTERED, Outcome.PERMANENT_FAILURE, "550")
+    outbox.enqueue(make_mail())
+    counts = outbox.count_by_status()
+    assert set(counts) == set(Status)
+    assert counts[Status.PENDING] == 1 and counts[Status.DEAD_LETTERED] == 1
+    assert sum(counts.values()) == 2
+
+
+def test_resend_rearms_a_dead_letter_and_keeps_history(engine: sa.Engine, outbox: Outbox) -> None:
+    """Resend makes a dead letter pending again with attempts reset; attempt_no keeps counting."""
+    delivery_id = finish(engine, outbox, Status.DEAD_LETTERED, Outcome.PERMANENT_FAILURE, "550")
+    resent = outbox.resend(delivery_id)
+    assert resent.status is Status.PENDING
+    assert resent.attempts == 0
+    assert resent.dead_lettered_at is None and resent.last_error == ""
+    [c] = claim(engine, outbox)
+    assert c.delivery_id == delivery_id and c.attempts == 1
+    complete(
+        engine,
+        outbox,
+        Completion(c.delivery_id, c.claim_token, Status.SENT, AttemptRecord(Outcome.SENT)),
+    )
+    attempts = outbox.list_attempts(delivery_id)
+    assert [a.attempt_no for a in attempts] == [1, 2]
+    assert [a.outcome for a in attempts] == [Outcome.PERMANENT_FAILURE, Outcome.SENT]
+
+
+def test_resend_of_sent_delivery_raises_resend_on_sent(engine: sa.Engine, outbox: Outbox) -> None:
+    """A sent delivery is never re-armed."""
+    delivery_id = finish(engine, outbox, Status.SENT, Outcome.SENT)
+    with pytest.raises(ResendOnSent):
+        outbox.resend(delivery_id)
+    assert outbox.get_delivery(delivery_id).status is Status.SENT
+
+
+def test_resend_of_delivery_in_flight_is_refused(engine: sa.Engine, outbox: Outbox) -> None:
+    """A delivery a worker holds is left alone; the error names its state."""
+    enq = outbox.enqueue(make_mail())
+    claim(engine, outbox)
+    with pytest.raises(InvalidTransition) as excinfo:
+        outbox.resend(enq.delivery_id)
+    assert excinfo.value.status == "sending"
+    assert not isinstance(excinfo.value, ResendOnSent)
+
+
+def test_resend_unknown_delivery_raises_not_found(outbox: Outbox) -> None:
+    """Resend of an id that does not exist raises DeliveryNotFound."""
+    with pytest.raises(DeliveryNotFound):
+        outbox.resend(uuid.uuid4())
+
+
+def test_resend_clears_expiry(engine: sa.Engine, outbox: Outbox) -> None:
+    """An expired mail that an operator resends is sent, not expired again."""
+    from datetime import datetime, timezone
+
+    enq = outbox.enqueue(make_mail(expires_at=datetime.now(timezone.utc) + timedelta(hours=1)))
+    outbox.cancel(enq.delivery_id)
+    assert outbox.resend(enq.delivery_id).expires_at is None
+
+
+def test_cancel_pending_delivery_stops_it(engine: sa.Engine, outbox: Outbox) -> None:
+    """A cancelled delivery is never claimed."""
+    enq = outbox.enqueue(make_mail())
+    cancelled = outbox.cancel(enq.delivery_id)
+    assert cancelled.status is Status.CANCELLED and cancelled.next_attempt_at is None
+    assert claim(engine, outbox) == []
+
+
+def test_cancel_of_sent_or_sending_is_refused(engine: sa.Engine, outbox: Outbox) -> None:
+    """Only waiting deliveries can be cancelled."""
+    sent_id = finish(engine, outbox, Status.SENT, Outcome.SENT)
+    with pytest.raises(InvalidTransition):
+        outbox.cancel(sent_id)
+    enq = outbox.enqueue(make_mail())
+    claim(engine, outbox)
+    with pytest.raises(InvalidTransition):
+        outbox.cancel(enq.delivery_id)
+    with pytest.raises(DeliveryNotFound):
+        outbox.cancel(uuid.uuid4())
+
+
+def test_purge_removes_old_terminal_deliveries_with_their_rows(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """purge deletes old sent/dead-lettered/cancelled deliveries and everything hanging off them."""
+    finish(engine, outbox, Status.SENT, Outcome.SENT)
+    finish(engine, outbox, Status.DEAD_LETTERED, Outcome.PERMANENT_FAILURE, "550")
+    outbox.cancel(outbox.enqueue(make_mail()).delivery_id)
+    age_everything(engine, 40)
+    recent = finish(engine, outbox, Status.SENT, Outcome.SENT)
+    waiting = outbox.enqueue(make_mail(cc=["c@example.com"])).delivery_id
+    assert outbox.purge(older_than=timedelta(days=30), batch_size=2) == 3
+    remaining = {d.delivery_id for d in outbox.list_deliveries().items}
+    assert remaining == {waiting, recent}
+    counts = row_counts(engine)
+    assert counts == {
+        "mail_deliveries": 2,
+        "mail_payloads": 2,
+        "mail_recipients": 3,
+        "mail_attempts": 1,
+        "mail_dead_letters": 0,
+    }
+
+
+def test_purge_never_touches_active_deliveries(engine: sa.Engine, outbox: Outbox) -> None:
+    """Pending, retrying and sending rows survive any purge, however old."""
+    outbox.enqueue(make_mail())
+    outbox.enqueue(make_mail())
+    claim(engine, outbox, limit=1)
+    age_everything(engine, 400)
+    assert outbox.purge(older_than=timedelta(0)) == 0
+    assert row_counts(engine)["mail_deliveries"] == 2
+
+
+def test_lease_expiry_attempt_and_resend_numbering(engine: sa.Engine, outbox: Outbox) -> None:
+    """attempt_no stays monotonic through a lost lease, a dead letter and a resend."""
+    enq = outbox.enqueue(make_mail())
+    claim(engine, outbox)
+    expire_leases(engine)
+    [c] = claim(engine, outbox)
+    complete(
+        engine,
+        outbox,
+        Completion(
+            c.delivery_id,
+            c.claim_token,
+            Status.DEAD_LETTERED,
+            AttemptRecord(Outcome.PERMANENT_FAILURE),
+            reason="550",
+        ),
+    )
+    outbox.resend(enq.delivery_id)
+    [c] = claim(engine, outbox)
+    complete(
+        engine,
+        outbox,
+        Completion(c.delivery_id, c.claim_token, Status.SENT, AttemptRecord(Outcome.SENT)),
+    )
+    assert [a.attempt_no for a in outbox.list_attempts(enq.delivery_id)] == [1, 2, 3]
+
+
+def test_unmigrated_database_raises_schema_not_migrated(empty_db_url: sa.URL) -> None:
+    """Using an outbox before migrating says so, instead of a raw SQL error."""
+    engine = sa.create_engine(empty_db_url)
+    try:
+        outbox = Outbox(engine, default_sender="a@example.com")
+        with pytest.raises(SchemaNotMigrated):
+            outbox.enqueue(make_mail())
+        with pytest.raises(SchemaNotMigrated):
+            outbox.count_by_status()
+    finally:
+        engine.dispose()

@@ -1,0 +1,90 @@
+"""Statement builders: compiled shape (pure) and the query plan of the claim (EXPLAIN)."""
+
+from __future__ import annotations
+
+import uuid
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from mailoutbox import statements as st
+from mailoutbox.schema import tables_for
+
+T = tables_for("mailoutbox")
+
+
+def sql(statement: sa.ClauseElement) -> str:
+    return " ".join(str(statement.compile(dialect=postgresql.dialect())).split())
+
+
+def test_claim_skips_locked_rows_in_due_order() -> None:
+    """The claim locks with SKIP LOCKED, orders by next_attempt_at and excludes handled ids."""
+    text = sql(st.claim_due(T))
+    assert "FOR UPDATE SKIP LOCKED" in text
+    assert "ORDER BY mailoutbox.mail_deliveries.next_attempt_at" in text
+    assert "!= all(%(exclude)s::UUID[])" in text
+    assert "next_attempt_at <= now()" in text
+
+
+def test_claim_status_filter_is_literal_so_the_partial_index_applies() -> None:
+    """Statuses are SQL literals matching the partial index predicate, not bind parameters."""
+    text = sql(st.claim_due(T))
+    assert "status IN ('pending', 'retrying', 'sending')" in text
+
+
+def test_completion_is_fenced_by_claim_token_and_sending_status() -> None:
+    """Completion matches only the current lease holder's rows."""
+    text = sql(st.complete_claimed(T))
+    assert "mail_deliveries.claim_token = completion_input.claim_token" in text
+    assert "mail_deliveries.status = 'sending'" in text
+
+
+def test_builders_are_built_once_per_schema() -> None:
+    """Statements are cached per schema, and other schemas get their own."""
+    assert st.claim_due(T) is st.claim_due(T)
+    other = tables_for("other_schema")
+    assert "other_schema.mail_deliveries" in sql(st.claim_due(other))
+
+
+def test_claim_query_uses_its_partial_index_on_a_large_history(engine: sa.Engine) -> None:
+    """With many sent rows, EXPLAIN shows the claim reading mail_deliveries_due_idx."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO mailoutbox.mail_payloads (payload_id, content_type, body, sender)"
+                " VALUES ('00000000-0000-0000-0000-000000000001', 'text/plain', 'x',"
+                " 'a@example.com')"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO mailoutbox.mail_deliveries (delivery_id, template_id, idempotency_key,"
+                " status, payload_id, created_at, sent_at)"
+                " SELECT gen_random_uuid(), 't', 'k' || i, CASE WHEN i % 1000 = 0 THEN 'pending'"
+                " ELSE 'sent' END, '00000000-0000-0000-0000-000000000001', now(), now()"
+                " FROM generate_series(1, 50000) AS i"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE mailoutbox.mail_deliveries SET next_attempt_at = now()"
+                " WHERE status = 'pending'"
+            )
+        )
+        conn.execute(sa.text("ANALYZE mailoutbox.mail_deliveries"))
+        compiled = st.claim_due(T).compile(dialect=conn.dialect)
+        params = compiled.construct_params(
+            {
+                "limit": 100,
+                "worker": "w",
+                "lease_seconds": 60.0,
+                "exclude": [],
+                "token": uuid.uuid4(),
+            }
+        )
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute("EXPLAIN " + compiled.string, params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        cursor.close()
+    assert "mail_deliveries_due_idx" in plan, plan
+    assert "Seq Scan on mail_deliveries" not in plan, plan
