@@ -117,6 +117,7 @@ class ClaimedDelivery:
     idempotency_key: str
     attempts: int
     created_at: datetime
+    cycle_started_at: datetime
     expires_at: datetime | None
     claim_token: uuid.UUID
     claimed_at: datetime

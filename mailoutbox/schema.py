@@ -163,6 +163,9 @@ def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
         sa.Column("sent_at", tz, nullable=True),
         sa.Column("dead_lettered_at", tz, nullable=True),
         sa.Column("expires_at", tz, nullable=True),
+        # When the current cycle of attempts began: send_at (or enqueue time), reset by
+        # resend. RetryPolicy.max_age counts from here, so a resent mail gets a full cycle.
+        sa.Column("cycle_started_at", tz, nullable=False, server_default=_now()),
         # The lease: who holds the row, until when, and the token that fences completion.
         sa.Column("locked_by", sa.Text, nullable=True),
         sa.Column("locked_until", tz, nullable=True),

@@ -156,6 +156,7 @@ def insert_enqueue(t: Tables) -> sa.Select[Any]:
                 "next_attempt_at",
                 "payload_id",
                 "expires_at",
+                "cycle_started_at",
             ],
             sa.select(
                 mails.c.delivery_id,
@@ -165,6 +166,7 @@ def insert_enqueue(t: Tables) -> sa.Select[Any]:
                 sa.func.coalesce(mails.c.send_at, _NOW),
                 mails.c.payload_id,
                 mails.c.expires_at,
+                sa.func.coalesce(mails.c.send_at, _NOW),
             ),
         )
         .on_conflict_do_nothing(index_elements=["template_id", "idempotency_key"])
@@ -279,6 +281,7 @@ def claim_due(t: Tables) -> sa.Select[Any]:
             d.c.idempotency_key,
             d.c.attempts,
             d.c.created_at,
+            d.c.cycle_started_at,
             d.c.expires_at,
             d.c.payload_id,
             d.c.claim_token,
@@ -637,6 +640,7 @@ def resend_unless_sent_or_sending(t: Tables) -> sa.Update:
             next_attempt_at=_NOW,
             dead_lettered_at=sa.null(),
             expires_at=sa.null(),
+            cycle_started_at=_NOW,
             last_error="",
             locked_by=sa.null(),
             locked_until=sa.null(),

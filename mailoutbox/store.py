@@ -138,6 +138,7 @@ def claimed_from_row(row: Any) -> ClaimedDelivery:
         idempotency_key=m["idempotency_key"],
         attempts=m["attempts"],
         created_at=m["created_at"],
+        cycle_started_at=m["cycle_started_at"],
         expires_at=m["expires_at"],
         claim_token=m["claim_token"],
         claimed_at=m["claimed_at"],

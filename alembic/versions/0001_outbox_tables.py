@@ -64,6 +64,7 @@ def upgrade() -> None:
         sa.Column("sent_at", tz, nullable=True),
         sa.Column("dead_lettered_at", tz, nullable=True),
         sa.Column("expires_at", tz, nullable=True),
+        sa.Column("cycle_started_at", tz, nullable=False, server_default=now),
         sa.Column("locked_by", sa.Text, nullable=True),
         sa.Column("locked_until", tz, nullable=True),
         sa.Column("claim_token", uuid, nullable=True),
