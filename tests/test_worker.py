@@ -1,0 +1,420 @@
+"""The worker against real PostgreSQL, with an in-memory transport for the outcomes."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from mailoutbox import (
+    Outbox,
+    Outcome,
+    PermanentSendError,
+    SendResult,
+    Status,
+    TransientSendError,
+    UnknownSendOutcome,
+)
+from mailoutbox.records import ClaimedDelivery
+from mailoutbox.retry import RetryPolicy
+from mailoutbox.transports.base import Envelope
+from mailoutbox.transports.memory import MemoryTransport
+from mailoutbox.worker import TickReport, Worker
+
+from .factories import make_mail, row_counts
+
+NO_DELAY = RetryPolicy(max_attempts=3, base_delay=timedelta(0), max_delay=timedelta(0))
+
+
+def worker(outbox: Outbox, transport: object, **kwargs: object) -> Worker:
+    kwargs.setdefault("retry", NO_DELAY)
+    return Worker(outbox, transport, name="test-worker", **kwargs)  # type: ignore[arg-type]
+
+
+def failing(exc: Exception) -> MemoryTransport:
+    def handler(envelope: Envelope) -> None:
+        raise exc
+
+    return MemoryTransport(handler)
+
+
+def test_tick_sends_due_mail_and_records_the_attempt(outbox: Outbox) -> None:
+    """A tick renders, sends and marks sent; the attempt row says so."""
+    enq = outbox.enqueue(
+        make_mail(to=["a@example.com"], bcc=["hidden@example.com"], subject="Grüße")
+    )
+    transport = MemoryTransport()
+    report = worker(outbox, transport).tick()
+    assert report == TickReport(claimed=1, sent=1)
+    [envelope] = transport.sent
+    assert envelope.recipients == ("a@example.com", "hidden@example.com")
+    parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(envelope.message)
+    assert parsed["Subject"] == "Grüße"
+    assert parsed["Bcc"] is None and b"hidden@example.com" not in envelope.message
+    assert parsed["Message-ID"] == envelope.message_id
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.status is Status.SENT and delivery.attempts == 1
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.outcome is Outcome.SENT and attempt.worker == "test-worker"
+
+
+def test_tick_with_nothing_due_reports_nothing(outbox: Outbox) -> None:
+    """An empty outbox gives an empty report."""
+    assert worker(outbox, MemoryTransport()).tick() == TickReport()
+
+
+def test_tick_drains_several_batches(outbox: Outbox) -> None:
+    """One tick keeps claiming batches until nothing is due."""
+    outbox.enqueue_many([make_mail() for _ in range(25)])
+    transport = MemoryTransport()
+    report = worker(outbox, transport, batch_size=10, concurrency=4).tick()
+    assert report.claimed == 25 and report.sent == 25
+    assert len({e.delivery_id for e in transport.sent}) == 25
+    assert outbox.count_by_status()[Status.SENT] == 25
+
+
+def test_transient_failure_schedules_retry_by_policy(engine: sa.Engine, outbox: Outbox) -> None:
+    """A 4xx-style failure moves the delivery to retrying, due after the policy's delay."""
+    enq = outbox.enqueue(make_mail())
+    policy = RetryPolicy(base_delay=timedelta(seconds=60), rng=lambda: 0.5)
+    transport = failing(TransientSendError(451, "4.3.0 try again later", enhanced_code="4.3.0"))
+    report = worker(outbox, transport, retry=policy).tick()
+    assert report == TickReport(claimed=1, retried=1)
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.status is Status.RETRYING
+    assert "451" in delivery.last_error
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.outcome is Outcome.TRANSIENT_FAILURE
+    assert (attempt.smtp_code, attempt.smtp_enhanced_code) == (451, "4.3.0")
+    assert attempt.error_class == "TransientSendError"
+    assert delivery.next_attempt_at is not None and attempt.finished_at is not None
+    wait = (delivery.next_attempt_at - attempt.finished_at).total_seconds()
+    assert 29 <= wait <= 31
+
+
+def test_permanent_failure_dead_letters_at_once(outbox: Outbox) -> None:
+    """A 5xx-style failure dead-letters on the first attempt, with the reason archived."""
+    enq = outbox.enqueue(make_mail())
+    transport = failing(PermanentSendError(550, "5.1.1 no such user", enhanced_code="5.1.1"))
+    report = worker(outbox, transport).tick()
+    assert report == TickReport(claimed=1, dead_lettered=1)
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.status is Status.DEAD_LETTERED
+    [dead] = outbox.list_dead_letters().items
+    assert dead.delivery_id == enq.delivery_id
+    assert dead.reason.startswith("permanent failure: 550")
+
+
+def test_zero_delay_retry_is_not_claimed_twice_in_one_tick(outbox: Outbox) -> None:
+    """With no retry delay, one tick still tries a delivery only once."""
+    enq = outbox.enqueue(make_mail())
+    transport = failing(TransientSendError(421, "busy"))
+    w = worker(outbox, transport)
+    assert w.tick() == TickReport(claimed=1, retried=1)
+    assert len(transport.failed) == 1
+    assert w.tick() == TickReport(claimed=1, retried=1)
+    assert len(outbox.list_attempts(enq.delivery_id)) == 2
+
+
+def test_transient_failures_end_in_dead_letter_after_max_attempts(outbox: Outbox) -> None:
+    """A server that says 4xx forever exhausts max_attempts and dead-letters."""
+    enq = outbox.enqueue(make_mail())
+    w = worker(outbox, failing(TransientSendError(450, "mailbox busy")))
+    reports = [w.tick() for _ in range(4)]
+    assert [r.retried for r in reports] == [1, 1, 0, 0]
+    assert reports[2].dead_lettered == 1
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.status is Status.DEAD_LETTERED
+    assert delivery.last_error.startswith("attempts exhausted (3)")
+    assert [a.attempt_no for a in outbox.list_attempts(enq.delivery_id)] == [1, 2, 3]
+
+
+def test_unknown_outcome_is_retried_with_the_same_message_id(outbox: Outbox) -> None:
+    """A reply lost after DATA is recorded as unknown and retried with the same Message-ID."""
+    enq = outbox.enqueue(make_mail())
+    seen: list[str] = []
+
+    def handler(envelope: Envelope) -> None:
+        seen.append(envelope.message_id)
+        if len(seen) == 1:
+            raise UnknownSendOutcome(None, "connection lost after DATA")
+
+    w = worker(outbox, MemoryTransport(handler))
+    assert w.tick().retried == 1
+    assert w.tick().sent == 1
+    assert seen[0] == seen[1]
+    outcomes = [a.outcome for a in outbox.list_attempts(enq.delivery_id)]
+    assert outcomes == [Outcome.UNKNOWN, Outcome.SENT]
+
+
+def test_partial_refusal_counts_as_sent_and_records_refused(outbox: Outbox) -> None:
+    """Recipients refused while others were accepted are recorded; the delivery is sent."""
+    enq = outbox.enqueue(make_mail(to=["a@example.com", "gone@example.com"]))
+    transport = MemoryTransport(
+        lambda e: SendResult(refused={"gone@example.com": (550, "5.1.1 no such user")})
+    )
+    assert worker(outbox, transport).tick().sent == 1
+    assert outbox.get_delivery(enq.delivery_id).status is Status.SENT
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.refused == {"gone@example.com": [550, "5.1.1 no such user"]}
+
+
+def test_unexpected_transport_error_dead_letters_only_that_delivery(outbox: Outbox) -> None:
+    """A transport bug on one delivery never stops the others or the worker."""
+    mails = [make_mail(subject=s) for s in ("ok-1", "boom", "ok-2")]
+    results = outbox.enqueue_many(mails)
+
+    def handler(envelope: Envelope) -> None:
+        if b"Subject: boom" in envelope.message:
+            raise RuntimeError("transport bug")
+
+    report = worker(outbox, MemoryTransport(handler)).tick()
+    assert report == TickReport(claimed=3, sent=2, dead_lettered=1)
+    broken = outbox.get_delivery(results[1].delivery_id)
+    assert broken.status is Status.DEAD_LETTERED
+    [attempt] = outbox.list_attempts(results[1].delivery_id)
+    assert attempt.error_class == "RuntimeError" and "transport bug" in attempt.error
+
+
+def test_network_errors_from_a_transport_are_transient(outbox: Outbox) -> None:
+    """ConnectionError and TimeoutError from any transport are retried."""
+    outbox.enqueue(make_mail())
+    outbox.enqueue(make_mail())
+    errors = iter([ConnectionResetError("reset"), TimeoutError("slow")])
+
+    def handler(envelope: Envelope) -> None:
+        raise next(errors)
+
+    assert worker(outbox, MemoryTransport(handler), concurrency=1).tick().retried == 2
+
+
+def test_message_that_fails_to_render_is_dead_lettered(engine: sa.Engine, outbox: Outbox) -> None:
+    """Stored parts that cannot render dead-letter that delivery; the rest go out."""
+    bad = outbox.enqueue(make_mail()).delivery_id
+    good = outbox.enqueue(make_mail()).delivery_id
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE mailoutbox.mail_payloads p SET content_type = 'application/x-broken'"
+                " FROM mailoutbox.mail_deliveries d"
+                " WHERE d.payload_id = p.payload_id AND d.delivery_id = :id"
+            ),
+            {"id": bad},
+        )
+    report = worker(outbox, MemoryTransport()).tick()
+    assert report == TickReport(claimed=2, sent=1, dead_lettered=1)
+    assert outbox.get_delivery(good).status is Status.SENT
+    [attempt] = outbox.list_attempts(bad)
+    assert attempt.outcome is Outcome.PERMANENT_FAILURE
+    assert attempt.error.startswith("render failed")
+
+
+def test_future_send_at_is_not_sent_before_its_time(outbox: Outbox) -> None:
+    """send_at in the future: nothing is sent yet."""
+    outbox.enqueue(make_mail(send_at=datetime.now(timezone.utc) + timedelta(hours=1)))
+    transport = MemoryTransport()
+    assert worker(outbox, transport).tick() == TickReport()
+    assert transport.sent == []
+
+
+def test_expired_mail_is_dead_lettered_not_sent(engine: sa.Engine, outbox: Outbox) -> None:
+    """A delivery past expires_at is dead-lettered with reason 'expired' and never sent."""
+    enq = outbox.enqueue(make_mail(expires_at=datetime.now(timezone.utc) + timedelta(hours=1)))
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE mailoutbox.mail_deliveries SET expires_at = now() - interval '1 minute'"
+            )
+        )
+    transport = MemoryTransport()
+    assert worker(outbox, transport).tick() == TickReport(claimed=1, dead_lettered=1)
+    assert transport.sent == []
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert (delivery.status, delivery.last_error) == (Status.DEAD_LETTERED, "expired")
+    assert outbox.list_dead_letters().items[0].reason == "expired"
+    assert [a.outcome for a in outbox.list_attempts(enq.delivery_id)] == [Outcome.EXPIRED]
+
+
+def test_delivery_whose_workers_always_die_ends_dead_lettered(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """Leases lost max_attempts times in a row dead-letter the delivery instead of looping."""
+    enq = outbox.enqueue(make_mail())
+    for i in range(3):
+        with engine.begin() as conn:
+            outbox.store.claim_due(conn, limit=1, worker=f"doomed-{i}", lease_seconds=60)
+            conn.execute(
+                sa.text(
+                    "UPDATE mailoutbox.mail_deliveries"
+                    " SET next_attempt_at = now() - interval '1 second'"
+                )
+            )
+    transport = MemoryTransport()
+    assert worker(outbox, transport).tick() == TickReport(claimed=1, dead_lettered=1)
+    assert transport.sent == []
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.status is Status.DEAD_LETTERED
+    assert delivery.last_error.startswith("attempts exhausted (3)")
+    outcomes = [a.outcome for a in outbox.list_attempts(enq.delivery_id)]
+    assert outcomes == [Outcome.LEASE_EXPIRED] * 3
+
+
+def test_no_connection_idles_in_transaction_while_the_transport_blocks(
+    engine: sa.Engine, db_url: sa.URL, outbox: Outbox
+) -> None:
+    """During a send, none of the worker's connections holds a transaction open."""
+    outbox.enqueue_many([make_mail() for _ in range(4)])
+    sending = threading.Event()
+    release = threading.Event()
+
+    def handler(envelope: Envelope) -> None:
+        sending.set()
+        release.wait(10)
+
+    w = worker(outbox, MemoryTransport(handler), concurrency=4)
+    ticking = threading.Thread(target=w.tick)
+    ticking.start()
+    try:
+        assert sending.wait(10)
+        time.sleep(0.2)
+        with engine.connect() as conn:
+            states = conn.execute(
+                sa.text(
+                    "SELECT state FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalars().all()
+    finally:
+        release.set()
+        ticking.join(10)
+        w.close()
+    assert "idle in transaction" not in states
+    assert outbox.count_by_status()[Status.SENT] == 4
+
+
+def test_concurrent_ticks_never_send_a_delivery_twice(outbox: Outbox) -> None:
+    """Four workers ticking at once deliver every mail exactly once."""
+    outbox.enqueue_many([make_mail() for _ in range(200)])
+    transport = MemoryTransport()
+    workers = [worker(outbox, transport, batch_size=7, concurrency=2) for _ in range(4)]
+    threads = [threading.Thread(target=w.tick) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [e.delivery_id for e in transport.sent]
+    assert len(ids) == 200 and len(set(ids)) == 200
+    assert outbox.count_by_status()[Status.SENT] == 200
+
+
+def test_stale_worker_completion_is_fenced_off(engine: sa.Engine, outbox: Outbox) -> None:
+    """A worker whose lease ran out mid-send records nothing over the new holder."""
+    enq = outbox.enqueue(make_mail())
+    took_over = threading.Event()
+
+    def handler(envelope: Envelope) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "UPDATE mailoutbox.mail_deliveries"
+                    " SET next_attempt_at = now() - interval '1 second'"
+                )
+            )
+            claimed: list[ClaimedDelivery] = outbox.store.claim_due(
+                conn, limit=1, worker="heir", lease_seconds=60
+            )
+        assert len(claimed) == 1
+        took_over.set()
+
+    report = worker(outbox, MemoryTransport(handler)).tick()
+    assert took_over.is_set()
+    assert report == TickReport(claimed=1, lost=1)
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert (delivery.status, delivery.locked_by) == (Status.SENDING, "heir")
+
+
+def test_run_wakes_on_notify_when_mail_is_enqueued(outbox: Outbox) -> None:
+    """With a long poll interval, a committed enqueue is still sent within moments."""
+    transport = MemoryTransport()
+    w = worker(outbox, transport, poll_interval=timedelta(seconds=60))
+    stop = threading.Event()
+    runner = threading.Thread(target=w.run, kwargs={"stop": stop, "handle_signals": False})
+    runner.start()
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        outbox.enqueue(make_mail())
+        while not transport.sent and time.monotonic() - started < 10:
+            time.sleep(0.02)
+        latency = time.monotonic() - started
+    finally:
+        stop.set()
+        runner.join(10)
+    assert not runner.is_alive()
+    assert len(transport.sent) == 1
+    assert latency < 2.0
+
+
+def test_run_poll_only_finds_mail_without_listen(outbox: Outbox) -> None:
+    """listen=False (for poolers that drop LISTEN) still delivers by polling."""
+    transport = MemoryTransport()
+    w = worker(outbox, transport, listen=False, poll_interval=timedelta(milliseconds=200))
+    stop = threading.Event()
+    runner = threading.Thread(target=w.run, kwargs={"stop": stop, "handle_signals": False})
+    runner.start()
+    try:
+        outbox.enqueue(make_mail())
+        deadline = time.monotonic() + 10
+        while not transport.sent and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        runner.join(10)
+    assert len(transport.sent) == 1
+
+
+def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """On stop: sends in flight complete, unstarted leases are released, none are left."""
+    outbox.enqueue_many([make_mail() for _ in range(6)])
+    in_flight = threading.Event()
+    release = threading.Event()
+
+    def handler(envelope: Envelope) -> None:
+        in_flight.set()
+        release.wait(10)
+
+    transport = MemoryTransport(handler)
+    w = worker(outbox, transport, concurrency=2, batch_size=6)
+    stop = threading.Event()
+    runner = threading.Thread(target=w.run, kwargs={"stop": stop, "handle_signals": False})
+    runner.start()
+    assert in_flight.wait(10)
+    stop.set()
+    time.sleep(0.5)
+    release.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    counts = outbox.count_by_status()
+    assert counts[Status.SENT] == len(transport.sent) == 2
+    assert counts[Status.PENDING] == 4
+    assert counts[Status.SENDING] == 0
+    with engine.connect() as conn:
+        leases = conn.execute(
+            sa.text("SELECT count(*) FROM mailoutbox.mail_deliveries WHERE locked_by IS NOT NULL")
+        ).scalar_one()
+    assert leases == 0
+    assert row_counts(engine)["mail_attempts"] == 2
+
+
+def test_worker_rejects_nonsense_settings(outbox: Outbox) -> None:
+    """Zero batch, zero concurrency or a non-positive lease are refused up front."""
+    for kwargs in ({"batch_size": 0}, {"concurrency": 0}, {"lease": timedelta(0)}):
+        with pytest.raises(ValueError):
+            Worker(outbox, MemoryTransport(), **kwargs)  # type: ignore[arg-type]
