@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
@@ -71,6 +71,17 @@ class TickReport:
         )
 
 
+class WorkerObserver(Protocol):
+    """Told about every completed batch (metrics live behind this; see metrics.py).
+
+    Called on the worker's thread after the batch's completion committed;
+    `completions` includes those that were fenced off (counted in report.lost).
+    It must not raise; an exception is logged and ignored.
+    """
+
+    def on_batch(self, report: TickReport, completions: Sequence[Completion]) -> None: ...
+
+
 def bounded(text: str, limit: int = MAX_ERROR_TEXT) -> str:
     """Error text cut to `limit` characters, so rows and logs stay bounded."""
     return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
@@ -99,6 +110,7 @@ class Worker:
             off behind a transaction-mode connection pooler, which drops LISTEN.
         name: identifies this worker in leases and attempt rows.
         message_id_domain: the domain of Message-IDs (default: sender's domain).
+        observer: told about each completed batch (e.g. PrometheusObserver).
     """
 
     def __init__(
@@ -114,6 +126,7 @@ class Worker:
         listen: bool = True,
         name: str | None = None,
         message_id_domain: str | None = None,
+        observer: WorkerObserver | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -135,6 +148,7 @@ class Worker:
         self.listen = listen
         self.name = name or default_worker_name()
         self.message_id_domain = message_id_domain
+        self.observer = observer
         self._stopping = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -212,6 +226,11 @@ class Worker:
             report.dead_lettered,
             extra={"worker": self.name},
         )
+        if self.observer is not None:
+            try:
+                self.observer.on_batch(report, completions)
+            except Exception:  # observing must never break delivering
+                log.exception("worker observer failed")
         retried = [
             c.delivery_id
             for c in completions
@@ -232,7 +251,7 @@ class Worker:
         started = time.monotonic()
         try:
             return self._handle_unguarded(claimed, started)
-        except Exception as exc:  # noqa: BLE001 - one delivery must never stop the others
+        except Exception as exc:  # one delivery must never stop the others
             log.exception("unexpected error handling delivery %s", claimed.delivery_id)
             return self._failed(claimed, started, exc, permanent=True)
 
@@ -258,7 +277,7 @@ class Worker:
                 claimed.recipients,
                 message_id_domain=self.message_id_domain,
             )
-        except Exception as exc:  # noqa: BLE001 - a message that cannot render is permanent
+        except Exception as exc:  # a message that cannot render is permanent
             return self._failed(claimed, started, exc, permanent=True, prefix="render failed: ")
         try:
             result = self.transport.send(envelope)
@@ -270,7 +289,7 @@ class Worker:
             return self._failed(claimed, started, exc, permanent=True)
         except (ConnectionError, TimeoutError) as exc:
             return self._failed(claimed, started, exc, permanent=False)
-        except Exception as exc:  # noqa: BLE001 - an unknown transport error is permanent
+        except Exception as exc:  # an unknown transport error is permanent
             return self._failed(claimed, started, exc, permanent=True)
         return self._sent(claimed, started, envelope, result)
 
@@ -402,7 +421,7 @@ class Worker:
                         if report.claimed:
                             continue  # more may be due right away
                         self._wait(listener)
-                    except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure
+                    except Exception as exc:  # the loop must outlive any failure
                         backoff = min(30.0, max(0.5, backoff * 2))
                         if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
                             log.warning("database unavailable (%s); retry in %.1fs", exc, backoff)
@@ -499,4 +518,4 @@ class _Listener:
             self._raw.close()
 
 
-__all__ = ["TickReport", "Worker", "bounded"]
+__all__ = ["TickReport", "Worker", "WorkerObserver", "bounded"]
