@@ -277,7 +277,7 @@ class Worker:
                 claimed.recipients,
                 message_id_domain=self.message_id_domain,
             )
-        except Exception as exc:  # a message that cannot render is permanent
+        except Exception as exc:  # noqa: BLE001 - a message that cannot render is permanent
             return self._failed(claimed, started, exc, permanent=True, prefix="render failed: ")
         try:
             result = self.transport.send(envelope)
@@ -289,7 +289,7 @@ class Worker:
             return self._failed(claimed, started, exc, permanent=True)
         except (ConnectionError, TimeoutError) as exc:
             return self._failed(claimed, started, exc, permanent=False)
-        except Exception as exc:  # an unknown transport error is permanent
+        except Exception as exc:  # noqa: BLE001 - an unknown transport error is permanent
             return self._failed(claimed, started, exc, permanent=True)
         return self._sent(claimed, started, envelope, result)
 
