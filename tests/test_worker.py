@@ -283,12 +283,16 @@ def test_no_connection_idles_in_transaction_while_the_transport_blocks(
         assert sending.wait(10)
         time.sleep(0.2)
         with engine.connect() as conn:
-            states = conn.execute(
-                sa.text(
-                    "SELECT state FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            states = (
+                conn.execute(
+                    sa.text(
+                        "SELECT state FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
     finally:
         release.set()
         ticking.join(10)

@@ -1,0 +1,246 @@
+"""The worker delivering through SmtpTransport to a real SMTP server on loopback.
+
+Each failure the server can answer is staged, and the resulting delivery state,
+attempt rows and next_attempt_at are asserted in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from mailoutbox import Outbox, Outcome, Status
+from mailoutbox.retry import RetryPolicy
+from mailoutbox.transports.smtp import SmtpTransport
+from mailoutbox.worker import TickReport, Worker
+
+from .factories import make_mail
+from .smtp_sink import SmtpSink
+
+POLICY = RetryPolicy(max_attempts=5, base_delay=timedelta(seconds=60), rng=lambda: 0.5)
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with SmtpSink() as server:
+        yield server
+
+
+def smtp_worker(outbox: Outbox, sink: SmtpSink, **transport_kwargs: object) -> Worker:
+    transport_kwargs.setdefault("security", "none")
+    transport_kwargs.setdefault("timeout", 5.0)
+    transport = SmtpTransport(sink.host, sink.port, **transport_kwargs)  # type: ignore[arg-type]
+    return Worker(outbox, transport, retry=POLICY, name="smtp-worker", concurrency=2)
+
+
+def run_tick(worker: Worker) -> TickReport:
+    try:
+        return worker.tick()
+    finally:
+        worker.close()
+
+
+def assert_retrying_in_30s(outbox: Outbox, delivery_id: object) -> None:
+    delivery = outbox.get_delivery(delivery_id)  # type: ignore[arg-type]
+    assert delivery.status is Status.RETRYING
+    last = outbox.list_attempts(delivery_id)[-1]  # type: ignore[arg-type]
+    assert delivery.next_attempt_at is not None and last.finished_at is not None
+    assert 29 <= (delivery.next_attempt_at - last.finished_at).total_seconds() <= 31
+
+
+def test_delivered_message_parses_back_exactly(outbox: Outbox, sink: SmtpSink) -> None:
+    """Subject, parts, headers and Message-ID arrive intact, non-ASCII included."""
+    enq = outbox.enqueue(
+        make_mail(
+            to=["Zoë <zoe@example.com>"],
+            cc=["cc@example.com"],
+            bcc=["audit@example.com"],
+            subject="Grüße – 你好 ✓",
+            text="Hallo Zoë, ça va? ✓",
+            html="<p>Hallo Zoë ✓</p>",
+            headers={"X-Order": "42"},
+            reply_to=["help@example.com"],
+        )
+    )
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, sent=1)
+    [received] = sink.messages
+    assert received.mail_from == "noreply@example.com"
+    assert set(received.rcpt_tos) == {"zoe@example.com", "cc@example.com", "audit@example.com"}
+    msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(received.data)
+    assert msg["Subject"] == "Grüße – 你好 ✓"
+    assert msg["To"] == "Zoë <zoe@example.com>"
+    assert msg["Cc"] == "cc@example.com"
+    assert msg["Bcc"] is None and b"audit@example.com" not in received.data
+    assert msg["Reply-To"] == "help@example.com"
+    assert msg["X-Order"] == "42"
+    assert msg["Message-ID"] == f"<{enq.delivery_id}@example.com>"
+    text = msg.get_body(("plain",))
+    html = msg.get_body(("html",))
+    assert text is not None and text.get_content().rstrip("\r\n") == "Hallo Zoë, ça va? ✓"
+    assert html is not None and html.get_content().rstrip("\r\n") == "<p>Hallo Zoë ✓</p>"
+    assert outbox.get_delivery(enq.delivery_id).status is Status.SENT
+
+
+def test_one_connection_is_reused_across_messages(outbox: Outbox, sink: SmtpSink) -> None:
+    """Each send thread keeps its SMTP session for the next message."""
+    outbox.enqueue_many([make_mail() for _ in range(10)])
+    worker = smtp_worker(outbox, sink)
+    worker.concurrency = 1
+    assert run_tick(worker).sent == 10
+    assert sink.connections == 1
+
+
+def test_421_greeting_retries(outbox: Outbox, sink: SmtpSink) -> None:
+    """A 421 at greeting is transient: retrying, next attempt by the policy."""
+    enq = outbox.enqueue(make_mail())
+    sink.greeting = "421 4.3.2 Service not available"
+    assert run_tick(smtp_worker(outbox, sink)).retried == 1
+    assert_retrying_in_30s(outbox, enq.delivery_id)
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert (attempt.outcome, attempt.smtp_code) == (Outcome.TRANSIENT_FAILURE, 421)
+
+
+@pytest.mark.parametrize(
+    "reply", ["450 4.2.1 Mailbox busy", "451 4.3.0 Try later", "452 4.2.2 Mailbox full"]
+)
+def test_4xx_at_rcpt_retries(outbox: Outbox, sink: SmtpSink, reply: str) -> None:
+    """A 4xx reply to the only recipient is transient, with code and enhanced code kept."""
+    enq = outbox.enqueue(make_mail(to=["busy@example.com"]))
+    sink.rcpt_replies = {"busy@example.com": reply}
+    assert run_tick(smtp_worker(outbox, sink)).retried == 1
+    assert_retrying_in_30s(outbox, enq.delivery_id)
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    code, enhanced = reply.split()[:2]
+    assert (attempt.smtp_code, attempt.smtp_enhanced_code) == (int(code), enhanced)
+
+
+def test_550_at_rcpt_dead_letters(outbox: Outbox, sink: SmtpSink) -> None:
+    """550 5.1.1 for the only recipient is permanent: dead-lettered with the reason."""
+    enq = outbox.enqueue(make_mail(to=["gone@example.com"]))
+    sink.rcpt_replies = {"gone@example.com": "550 5.1.1 No such user"}
+    assert run_tick(smtp_worker(outbox, sink)).dead_lettered == 1
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.status is Status.DEAD_LETTERED and delivery.next_attempt_at is None
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert (attempt.outcome, attempt.smtp_code, attempt.smtp_enhanced_code) == (
+        Outcome.PERMANENT_FAILURE,
+        550,
+        "5.1.1",
+    )
+    assert "550" in outbox.list_dead_letters().items[0].reason
+
+
+def test_one_of_three_recipients_refused_is_sent_to_the_others(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """Partial refusal: sent to the accepted two, the refused one recorded, no resend."""
+    enq = outbox.enqueue(make_mail(to=["a@example.com", "gone@example.com", "c@example.com"]))
+    sink.rcpt_replies = {"gone@example.com": "550 5.1.1 No such user"}
+    assert run_tick(smtp_worker(outbox, sink)).sent == 1
+    [received] = sink.messages
+    assert received.rcpt_tos == ("a@example.com", "c@example.com")
+    assert outbox.get_delivery(enq.delivery_id).status is Status.SENT
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.refused is not None and list(attempt.refused) == ["gone@example.com"]
+    assert attempt.refused["gone@example.com"][0] == 550
+
+
+@pytest.mark.parametrize("reply", ["552 5.3.4 Message too big", "554 5.7.1 Rejected as spam"])
+def test_5xx_after_data_dead_letters(outbox: Outbox, sink: SmtpSink, reply: str) -> None:
+    """A 5xx to the message data is permanent."""
+    enq = outbox.enqueue(make_mail())
+    sink.data_reply = reply
+    assert run_tick(smtp_worker(outbox, sink)).dead_lettered == 1
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.smtp_code == int(reply[:3])
+    assert outbox.get_delivery(enq.delivery_id).status is Status.DEAD_LETTERED
+
+
+def test_connection_dropped_after_data_is_unknown_and_retried_same_message_id(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """No reply after DATA: outcome unknown, retried, and the retry has the same Message-ID."""
+    enq = outbox.enqueue(make_mail())
+    sink.drop_after_data = True
+    assert run_tick(smtp_worker(outbox, sink)).retried == 1
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.outcome is Outcome.UNKNOWN
+    assert_retrying_in_30s(outbox, enq.delivery_id)
+    sink.drop_after_data = False
+    sink_engine_update_due(outbox)
+    assert run_tick(smtp_worker(outbox, sink)).sent == 1
+    assert sink.dropped[0].message_id == sink.messages[0].message_id
+
+
+def sink_engine_update_due(outbox: Outbox) -> None:
+    """Make every retrying delivery due now."""
+    with outbox.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE mailoutbox.mail_deliveries SET next_attempt_at = now()"
+                " WHERE status = 'retrying'"
+            )
+        )
+
+
+def test_reply_slower_than_timeout_is_transient_not_a_hang(outbox: Outbox, sink: SmtpSink) -> None:
+    """A server that stalls past the timeout costs one timeout, then the delivery retries."""
+    import time
+
+    enq = outbox.enqueue(make_mail())
+    sink.delays = {"MAIL": 3.0}
+    started = time.monotonic()
+    assert run_tick(smtp_worker(outbox, sink, timeout=0.5)).retried == 1
+    assert time.monotonic() - started < 3.0
+    assert_retrying_in_30s(outbox, enq.delivery_id)
+
+
+def test_wrong_credentials_dead_letter_and_never_leak_the_password(
+    engine: sa.Engine, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """535 on AUTH is permanent; the password appears in no row and no log line."""
+    password = "s3cret-Pa55word"
+    caplog.set_level(logging.DEBUG)
+    with SmtpSink(credentials=("app", "right-password"), auth_required=True) as sink:
+        enq = outbox.enqueue(make_mail())
+        worker = smtp_worker(outbox, sink, username="app", password=password)
+        assert run_tick(worker).dead_lettered == 1
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.smtp_code == 535
+    with engine.connect() as conn:
+        dump = conn.execute(
+            sa.text(
+                "SELECT string_agg(t::text, ' ') FROM ("
+                " SELECT row_to_json(d)::text AS t FROM mailoutbox.mail_deliveries d"
+                " UNION ALL SELECT row_to_json(a)::text FROM mailoutbox.mail_attempts a"
+                " UNION ALL SELECT row_to_json(l)::text FROM mailoutbox.mail_dead_letters l) x"
+            )
+        ).scalar_one()
+    assert password not in dump
+    assert password not in caplog.text
+    assert password not in repr(worker.transport)
+
+
+def test_starttls_not_offered_is_refused_under_starttls(outbox: Outbox, sink: SmtpSink) -> None:
+    """security='starttls' against a server without STARTTLS sends nothing and dead-letters."""
+    enq = outbox.enqueue(make_mail())
+    assert run_tick(smtp_worker(outbox, sink, security="starttls")).dead_lettered == 1
+    assert sink.messages == []
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert "STARTTLS" in attempt.error
+
+
+def test_refused_connection_is_transient(outbox: Outbox) -> None:
+    """Nobody listening on the port: transient, retried later."""
+    enq = outbox.enqueue(make_mail())
+    transport = SmtpTransport("127.0.0.1", 1, security="none", timeout=2.0)
+    worker = Worker(outbox, transport, retry=POLICY)
+    assert run_tick(worker).retried == 1
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.outcome is Outcome.TRANSIENT_FAILURE and attempt.smtp_code is None
