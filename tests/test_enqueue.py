@@ -237,7 +237,7 @@ def _race(engine: sa.Engine, outbox: Outbox, workers: int, body) -> list:  # typ
         try:
             barrier.wait()
             results[i] = body(i)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assert below
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
