@@ -13,11 +13,15 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
+from email.headerregistry import BaseHeader
 from email.message import EmailMessage, Message
 from email.utils import formataddr, getaddresses, parseaddr
 
 from .errors import InvalidMail
 from .records import Payload, Recipient
+from .render import seven_bit_message
 from .schema import Kind
 
 DEFAULT_MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
@@ -28,8 +32,18 @@ MAX_HEADER_VALUE_LENGTH = 8000
 OWNED_HEADERS = frozenset(
     h.lower()
     for h in (
-        "From", "To", "Cc", "Bcc", "Subject", "Reply-To", "Message-ID", "Date",
-        "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "Sender",
+        "From",
+        "To",
+        "Cc",
+        "Bcc",
+        "Subject",
+        "Reply-To",
+        "Message-ID",
+        "Date",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+        "Sender",
     )
 )
 
@@ -45,11 +59,17 @@ _DOMAIN_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 def _check_header_text(value: str, field_name: str) -> str:
     if not isinstance(value, str):
-        raise InvalidMail(f"{field_name} must be a string, got {type(value).__name__}", field=field_name)
+        raise InvalidMail(
+            f"{field_name} must be a string, got {type(value).__name__}", field=field_name
+        )
     if _HEADER_FORBIDDEN.search(value):
-        raise InvalidMail(f"{field_name} contains a control character or line break", field=field_name)
+        raise InvalidMail(
+            f"{field_name} contains a control character or line break", field=field_name
+        )
     if len(value) > MAX_HEADER_VALUE_LENGTH:
-        raise InvalidMail(f"{field_name} is longer than {MAX_HEADER_VALUE_LENGTH} characters", field=field_name)
+        raise InvalidMail(
+            f"{field_name} is longer than {MAX_HEADER_VALUE_LENGTH} characters", field=field_name
+        )
     return value
 
 
@@ -72,8 +92,19 @@ def normalize_address(value: str, field_name: str) -> str:
     """Validate `"addr@example.com"` or `"Name <addr@example.com>"` and return it normalised."""
     _check_header_text(value, field_name)
     name, addr = parseaddr(value)
-    if not addr:
+    # parseaddr is lenient: it drops spaces inside an addr-spec ("a@exam ple.com"), keeps
+    # only the first of several addresses and ignores trailing junk. Insist that the
+    # addr-spec it found is written verbatim, as the whole value or inside the final <...>.
+    text = value.strip()
+    written = text[text.rfind("<") + 1 : -1].strip() if text.endswith(">") else text
+    if not addr or written != addr or len(getaddresses([value])) != 1:
         raise InvalidMail(f"{field_name}: malformed address {value!r}", field=field_name)
+    # A name given as RFC 2047 encoded-words (formataddr's output) could hide a line break.
+    if _HEADER_FORBIDDEN.search(_decode_words(name)):
+        raise InvalidMail(
+            f"{field_name} display name contains a control character or line break",
+            field=field_name,
+        )
     validate_addr_spec(addr, field_name)
     return formataddr((name, addr)) if name else addr
 
@@ -100,7 +131,9 @@ def _check_key(value: object, field_name: str) -> str:
         raise InvalidMail(f"{field_name} must be a non-empty string", field=field_name)
     _check_header_text(value, field_name)
     if len(value) > MAX_KEY_LENGTH:
-        raise InvalidMail(f"{field_name} is longer than {MAX_KEY_LENGTH} characters", field=field_name)
+        raise InvalidMail(
+            f"{field_name} is longer than {MAX_KEY_LENGTH} characters", field=field_name
+        )
     return value
 
 
@@ -112,6 +145,30 @@ def _check_when(value: object, field_name: str) -> datetime | None:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidMail(f"{field_name} must be timezone-aware", field=field_name)
     return value
+
+
+# RFC 5322 folding as a compat32 message hands it out: a line break before whitespace.
+_FOLDING = re.compile(r"\r?\n(?=[ \t])")
+
+
+def _source_header(value: object) -> tuple[str, bool]:
+    """A header value of a caller's message as one line, and whether it is still RFC 2047-encoded.
+
+    policy.default messages give decoded header objects; compat32 ones (the
+    default of email.message_from_bytes) give the raw, possibly folded, source.
+    """
+    if isinstance(value, BaseHeader):
+        return str(value), False
+    return _FOLDING.sub("", str(value)), True
+
+
+def _decode_words(text: str) -> str:
+    if "=?" not in text:
+        return text
+    try:
+        return str(make_header(decode_header(text)))
+    except (HeaderParseError, LookupError, UnicodeError, ValueError):
+        return text
 
 
 @dataclass(frozen=True)
@@ -162,13 +219,22 @@ class Mail:
             raise InvalidMail("from_message needs an email.message.Message", field="message")
 
         def addresses(name: str) -> list[str]:
-            values = [str(v) for v in message.get_all(name, [])]
-            if any(_HEADER_FORBIDDEN.search(v) for v in values):
+            values = [_source_header(v) for v in message.get_all(name, [])]
+            if any(_HEADER_FORBIDDEN.search(v) for v, _ in values):
                 raise InvalidMail(f"{name} contains a control character", field=name.lower())
-            return [formataddr(pair) for pair in getaddresses(values) if pair[1]]
+            return [
+                formataddr((_decode_words(display) if encoded else display, addr))
+                for value, encoded in values
+                for display, addr in getaddresses([value])
+                if addr
+            ]
 
         senders = addresses("From")
-        subject = message.get("Subject")
+        subject_value = message.get("Subject")
+        subject: str | None = None
+        if subject_value is not None:
+            text, encoded = _source_header(subject_value)
+            subject = _decode_words(text) if encoded else text
         return cls(
             template_id=template_id,
             idempotency_key=idempotency_key,
@@ -177,7 +243,7 @@ class Mail:
             bcc=addresses("Bcc"),
             reply_to=addresses("Reply-To"),
             sender=senders[0] if senders else None,
-            subject=str(subject) if subject is not None else None,
+            subject=subject,
             send_at=send_at,
             expires_at=expires_at,
             message=copy.deepcopy(message),  # type: ignore[arg-type]
@@ -203,7 +269,9 @@ def _extra_headers(headers: object) -> list[tuple[str, str]]:
         try:
             pairs = [tuple(p) for p in headers]  # type: ignore[attr-defined]
         except TypeError:
-            raise InvalidMail("headers must be a mapping or a list of pairs", field="headers") from None
+            raise InvalidMail(
+                "headers must be a mapping or a list of pairs", field="headers"
+            ) from None
     out: list[tuple[str, str]] = []
     for pair in pairs:
         if len(pair) != 2:
@@ -222,12 +290,18 @@ def _extra_headers(headers: object) -> list[tuple[str, str]]:
 def _message_body(message: EmailMessage) -> bytes:
     stripped = copy.deepcopy(message)
     for name in list(stripped.keys()):
-        if name.lower() in OWNED_HEADERS - {"mime-version", "content-type", "content-transfer-encoding"}:
+        if name.lower() in OWNED_HEADERS - {
+            "mime-version",
+            "content-type",
+            "content-transfer-encoding",
+        }:
             del stripped[name]
     for name, value in stripped.items():
         if name.lower() not in OWNED_HEADERS:
             _check_header_text(str(value), f"header {name}")
-    return stripped.as_bytes(policy=email.policy.SMTP)
+    # Stored 7-bit clean (set_content leaves short non-ASCII text as 8bit), so render passes
+    # it through as is instead of re-encoding it on every send.
+    return seven_bit_message(stripped.as_bytes(policy=email.policy.SMTP))
 
 
 def prepare(
@@ -254,7 +328,9 @@ def prepare(
 
     sender_value = mail.sender if mail.sender is not None else default_sender
     if sender_value is None:
-        raise InvalidMail("no sender: set Mail.sender or the outbox's default_sender", field="sender")
+        raise InvalidMail(
+            "no sender: set Mail.sender or the outbox's default_sender", field="sender"
+        )
     sender = normalize_address(sender_value, "sender")
 
     subject = None if mail.subject is None else _check_header_text(mail.subject, "subject")
