@@ -275,6 +275,8 @@ class Worker:
                 claimed.delivery_id,
                 claimed.payload,
                 claimed.recipients,
+                # The Date header comes from the database clock, like every other time.
+                date=claimed.claimed_at,
                 message_id_domain=self.message_id_domain,
             )
         except Exception as exc:  # noqa: BLE001 - a message that cannot render is permanent
