@@ -11,11 +11,12 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from .errors import DeliveryNotFound, InvalidTransition, ResendOnSent, SchemaNotMigrated
+from . import operations as ops
+from .errors import DeliveryNotFound, SchemaNotMigrated
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail, PreparedMail, normalize_address, prepare
 from .records import Attempt, DeadLetter, Delivery, Enqueued, Page, Payload, Recipient
 from .schema import DEFAULT_SCHEMA, Status
-from .store import Store
+from .store import Store, run
 
 T = TypeVar("T")
 MAX_PAGE = 1000
@@ -95,7 +96,8 @@ class Outbox:
     ) -> None:
         self.engine = engine
         self.store = Store(schema)
-        self.schema = self.store.tables.schema
+        self.tables = self.store.tables
+        self.schema = self.tables.schema
         self.default_sender = (
             None if default_sender is None else normalize_address(default_sender, "default_sender")
         )
@@ -144,12 +146,8 @@ class Outbox:
     @_translated
     def get_delivery(self, delivery_id: uuid.UUID | str) -> Delivery:
         """The delivery with that id (raises DeliveryNotFound)."""
-        delivery_id = as_delivery_id(delivery_id)
         with self.engine.connect() as conn:
-            delivery = self.store.get_delivery(conn, delivery_id)
-        if delivery is None:
-            raise DeliveryNotFound(delivery_id)
-        return delivery
+            return run(conn, ops.require_delivery(self.tables, as_delivery_id(delivery_id)))
 
     @_translated
     def list_deliveries(
@@ -191,8 +189,7 @@ class Outbox:
         """Every attempt of the delivery, by attempt_no (raises DeliveryNotFound)."""
         delivery_id = as_delivery_id(delivery_id)
         with self.engine.connect() as conn:
-            if self.store.get_delivery(conn, delivery_id) is None:
-                raise DeliveryNotFound(delivery_id)
+            run(conn, ops.require_delivery(self.tables, delivery_id))
             return self.store.list_attempts(conn, delivery_id)
 
     @_translated
@@ -230,17 +227,8 @@ class Outbox:
         attempts resets to 0 and expires_at is cleared; the attempt history is
         kept and its numbering continues. Raises DeliveryNotFound.
         """
-        delivery_id = as_delivery_id(delivery_id)
         with self.engine.begin() as conn:
-            delivery = self.store.resend(conn, delivery_id)
-            if delivery is not None:
-                return delivery
-            current = self.store.get_delivery(conn, delivery_id)
-        if current is None:
-            raise DeliveryNotFound(delivery_id)
-        if current.status is Status.SENT:
-            raise ResendOnSent(delivery_id)
-        raise InvalidTransition(delivery_id, current.status.value, "resend")
+            return self.store.resend(conn, as_delivery_id(delivery_id))
 
     @_translated
     def cancel(self, delivery_id: uuid.UUID | str) -> Delivery:
@@ -249,15 +237,8 @@ class Outbox:
         Raises DeliveryNotFound, or InvalidTransition for a delivery in flight
         or already finished. A cancelled delivery can be resent.
         """
-        delivery_id = as_delivery_id(delivery_id)
         with self.engine.begin() as conn:
-            delivery = self.store.cancel(conn, delivery_id)
-            if delivery is not None:
-                return delivery
-            current = self.store.get_delivery(conn, delivery_id)
-        if current is None:
-            raise DeliveryNotFound(delivery_id)
-        raise InvalidTransition(delivery_id, current.status.value, "cancel")
+            return self.store.cancel(conn, as_delivery_id(delivery_id))
 
     @_translated
     def purge(self, older_than: timedelta = timedelta(days=30), *, batch_size: int = 1000) -> int:

@@ -1,0 +1,356 @@
+"""The outbox's data operations as plans: pure generators of statements.
+
+A plan yields `Query` objects (a statement from statements.py, its
+parameters, and how to fetch its result) and receives each result back; its
+return value is the operation's answer. Plans hold every decision made
+between statements (duplicate lookups, "not found or wrong state?"), so the
+sync store (store.py) and the async store (aio.py) are thin loops that run
+the very same plans, and no SQL or logic exists twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import sqlalchemy as sa
+
+from . import statements as st
+from .errors import DeliveryNotFound, InvalidTransition, ResendOnSent
+from .mail import PreparedMail
+from .records import (
+    Attempt,
+    ClaimedDelivery,
+    Completion,
+    DeadLetter,
+    Delivery,
+    Payload,
+    Recipient,
+)
+from .schema import Kind, Outcome, Status, Tables
+
+T = TypeVar("T")
+Fetch = Literal["all", "scalars", "rowcount", "none"]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One statement to execute, and which part of its result the plan wants back."""
+
+    statement: sa.Executable
+    params: Mapping[str, Any] | None = None
+    fetch: Fetch = "all"
+
+
+# A plan yields Queries, is sent each one's fetched result, and returns its answer.
+Plan = Generator[Query, Any, T]
+
+
+def fetch(result: sa.CursorResult[Any], how: Fetch) -> Any:
+    """Take what a Query asked for out of a (buffered) result; shared by both stores."""
+    if how == "all":
+        return result.all()
+    if how == "scalars":
+        return result.scalars().all()
+    if how == "rowcount":
+        return result.rowcount
+    return None
+
+
+# --- parameters (pure) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnqueueBatch:
+    """The array parameters of one insert_enqueue execution, and the ids it proposes."""
+
+    params: dict[str, list[Any]]
+    delivery_ids: list[uuid.UUID]
+
+
+def enqueue_params(mails: Sequence[PreparedMail]) -> EnqueueBatch:
+    delivery_ids = [uuid.uuid4() for _ in mails]
+    params: dict[str, list[Any]] = {name: [] for name, _ in st.ENQUEUE_MAIL_ARRAYS}
+    params.update({name: [] for name, _ in st.ENQUEUE_RECIPIENT_ARRAYS})
+    for delivery_id, mail in zip(delivery_ids, mails, strict=False):
+        p = mail.payload
+        for name, value in (
+            ("delivery_id", delivery_id),
+            ("template_id", mail.template_id),
+            ("idempotency_key", mail.idempotency_key),
+            ("payload_id", uuid.uuid4()),
+            ("send_at", mail.send_at),
+            ("expires_at", mail.expires_at),
+            ("content_type", p.content_type),
+            ("subject", p.subject),
+            ("body", p.body),
+            ("html_body", p.html_body),
+            ("sender", p.sender),
+            ("headers", json.dumps([list(h) for h in p.headers])),
+        ):
+            params[name].append(value)
+        for position, recipient in enumerate(mail.recipients):
+            params["r_delivery_id"].append(delivery_id)
+            params["r_address"].append(recipient.address)
+            params["r_kind"].append(recipient.kind.value)
+            params["r_position"].append(position)
+    return EnqueueBatch(_array_params(params), delivery_ids)
+
+
+def completion_params(completions: Sequence[Completion]) -> dict[str, list[Any]]:
+    params: dict[str, list[Any]] = {name: [] for name, _ in st.COMPLETION_ARRAYS}
+    for c in completions:
+        a = c.attempt
+        for name, value in (
+            ("delivery_id", c.delivery_id),
+            ("claim_token", c.claim_token),
+            ("status", Status(c.status).value),
+            ("retry_delay", max(0.0, float(c.retry_delay_seconds))),
+            ("reason", c.reason),
+            ("outcome", None if a is None else Outcome(a.outcome).value),
+            ("duration", 0.0 if a is None else max(0.0, a.duration_seconds)),
+            ("error", "" if a is None else a.error),
+            ("error_class", None if a is None else a.error_class),
+            ("smtp_code", None if a is None else a.smtp_code),
+            ("smtp_enhanced_code", None if a is None else a.smtp_enhanced_code),
+            ("refused", None if a is None or a.refused is None else json.dumps(a.refused)),
+            ("worker", c.worker),
+        ):
+            params[name].append(value)
+    return _array_params(params)
+
+
+def _array_params(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {st.array_param(name): values for name, values in columns.items()}
+
+
+# --- rows -> records (pure) ---------------------------------------------------------------
+
+
+def delivery_from_row(row: Any) -> Delivery:
+    m = row._mapping
+    return Delivery(
+        **{name: m[name] for name in st.DELIVERY_COLUMNS if name != "status"},
+        status=Status(m["status"]),
+    )
+
+
+def attempt_from_row(row: Any) -> Attempt:
+    m = row._mapping
+    values = {name: m[name] for name in st.ATTEMPT_COLUMNS}
+    values["outcome"] = Outcome(values["outcome"])
+    return Attempt(**values)
+
+
+def dead_letter_from_row(row: Any) -> DeadLetter:
+    m = row._mapping
+    return DeadLetter(m["dead_letter_id"], m["delivery_id"], m["archived_at"], m["reason"])
+
+
+def payload_from_row(row: Any) -> Payload:
+    m = row._mapping
+    return Payload(
+        content_type=m["content_type"],
+        subject=m["subject"],
+        body=bytes(m["body"]),
+        html_body=m["html_body"],
+        sender=m["sender"],
+        headers=tuple((str(n), str(v)) for n, v in m["headers"]),
+    )
+
+
+def claimed_from_row(row: Any) -> ClaimedDelivery:
+    m = row._mapping
+    return ClaimedDelivery(
+        delivery_id=m["delivery_id"],
+        template_id=m["template_id"],
+        idempotency_key=m["idempotency_key"],
+        attempts=m["attempts"],
+        created_at=m["created_at"],
+        cycle_started_at=m["cycle_started_at"],
+        expires_at=m["expires_at"],
+        claim_token=m["claim_token"],
+        claimed_at=m["claimed_at"],
+        locked_until=m["locked_until"],
+        previous_status=Status(m["previous_status"]),
+        payload=payload_from_row(row),
+        recipients=tuple(
+            Recipient(address, Kind(kind))
+            for address, kind in zip(m["addresses"] or (), m["kinds"] or (), strict=False)
+        ),
+    )
+
+
+def status_counts(rows: Iterable[Any]) -> dict[Status, int]:
+    counts = {status: 0 for status in Status}
+    for status, count in rows:
+        counts[Status(status)] = int(count)
+    return counts
+
+
+# --- plans --------------------------------------------------------------------------------
+
+
+def insert_enqueue(t: Tables, mails: Sequence[PreparedMail]) -> Plan[list[tuple[uuid.UUID, bool]]]:
+    """Insert `mails`; answer (delivery_id, created) per mail, in input order.
+
+    One statement for the whole batch, plus one lookup only when some mails
+    were duplicates of existing (or earlier) deliveries.
+    """
+    if not mails:
+        return []
+    batch = enqueue_params(mails)
+    created = set((yield Query(st.insert_enqueue(t), batch.params, "scalars")))
+    missing = [m for m, i in zip(mails, batch.delivery_ids, strict=True) if i not in created]
+    existing: dict[tuple[str, str], uuid.UUID] = {}
+    if missing:
+        keys = {
+            "template_id": [m.template_id for m in missing],
+            "idempotency_key": [m.idempotency_key for m in missing],
+        }
+        rows = yield Query(st.select_existing_ids(t), _array_params(keys))
+        existing = {(r.template_id, r.idempotency_key): r.delivery_id for r in rows}
+    return [
+        (proposed, True)
+        if proposed in created
+        else (existing[(mail.template_id, mail.idempotency_key)], False)
+        for mail, proposed in zip(mails, batch.delivery_ids, strict=True)
+    ]
+
+
+def claim_due(
+    t: Tables,
+    *,
+    limit: int,
+    worker: str,
+    lease_seconds: float,
+    exclude: Sequence[uuid.UUID] = (),
+    claim_token: uuid.UUID | None = None,
+) -> Plan[list[ClaimedDelivery]]:
+    """Lease up to `limit` due deliveries (see statements.claim_due); commit right after."""
+    params = {
+        "limit": limit,
+        "worker": worker,
+        "lease_seconds": float(lease_seconds),
+        "exclude": list(exclude),
+        "token": claim_token or uuid.uuid4(),
+    }
+    rows = yield Query(st.claim_due(t), params)
+    return [claimed_from_row(row) for row in rows]
+
+
+def complete(t: Tables, completions: Sequence[Completion]) -> Plan[set[uuid.UUID]]:
+    """Apply completions in one statement; answer the ids whose claim still held."""
+    if not completions:
+        return set()
+    ids = yield Query(st.complete_claimed(t), completion_params(completions), "scalars")
+    return set(ids)
+
+
+def release(t: Tables, delivery_ids: Sequence[uuid.UUID], claim_token: uuid.UUID) -> Plan[int]:
+    """Hand unsent leased deliveries back as due now; answer how many were released."""
+    if not delivery_ids:
+        return 0
+    params = {"delivery_ids": list(delivery_ids), "token": claim_token}
+    return int((yield Query(st.release_claimed(t), params, "rowcount")))
+
+
+def get_delivery(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery | None]:
+    rows = yield Query(st.select_delivery(t), {"delivery_id": delivery_id})
+    return delivery_from_row(rows[0]) if rows else None
+
+
+def require_delivery(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:
+    """The delivery, or DeliveryNotFound."""
+    delivery = yield from get_delivery(t, delivery_id)
+    if delivery is None:
+        raise DeliveryNotFound(delivery_id)
+    return delivery
+
+
+def list_deliveries(
+    t: Tables,
+    *,
+    offset: int,
+    limit: int,
+    status: Status | None = None,
+    template_id: str | None = None,
+) -> Plan[tuple[list[Delivery], int]]:
+    filters: dict[str, Any] = {}
+    if status is not None:
+        filters["status"] = Status(status).value
+    if template_id is not None:
+        filters["template_id"] = template_id
+    [(total,)] = yield Query(
+        st.count_deliveries(t, status=status, template_id=template_id), filters
+    )
+    rows = yield Query(
+        st.list_deliveries(t, status=status, template_id=template_id),
+        {**filters, "offset": offset, "limit": limit},
+    )
+    return [delivery_from_row(row) for row in rows], int(total)
+
+
+def list_recipients(t: Tables, delivery_id: uuid.UUID) -> Plan[list[Recipient]]:
+    rows = yield Query(st.select_recipients(t), {"delivery_id": delivery_id})
+    return [Recipient(row.address, Kind(row.kind)) for row in rows]
+
+
+def get_payload(t: Tables, delivery_id: uuid.UUID) -> Plan[Payload | None]:
+    rows = yield Query(st.select_payload(t), {"delivery_id": delivery_id})
+    return payload_from_row(rows[0]) if rows else None
+
+
+def list_attempts(t: Tables, delivery_id: uuid.UUID) -> Plan[list[Attempt]]:
+    rows = yield Query(st.select_attempts(t), {"delivery_id": delivery_id})
+    return [attempt_from_row(row) for row in rows]
+
+
+def list_dead_letters(t: Tables, *, offset: int, limit: int) -> Plan[tuple[list[DeadLetter], int]]:
+    [(total,)] = yield Query(st.count_dead_letters(t))
+    rows = yield Query(st.list_dead_letters(t), {"offset": offset, "limit": limit})
+    return [dead_letter_from_row(row) for row in rows], int(total)
+
+
+def count_by_status(t: Tables) -> Plan[dict[Status, int]]:
+    return status_counts((yield Query(st.count_by_status(t))))
+
+
+def queue_health(t: Tables) -> Plan[tuple[float, int]]:
+    """(age in seconds of the oldest due delivery, leases in flight)."""
+    [row] = yield Query(st.select_queue_health(t))
+    return float(row.oldest_due_seconds), int(row.leased)
+
+
+def resend(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:
+    """Re-arm a delivery, or raise why not (DeliveryNotFound, ResendOnSent, InvalidTransition).
+
+    The guarded UPDATE decides; only when it matched nothing is the row read
+    to name the reason.
+    """
+    rows = yield Query(st.resend_unless_sent_or_sending(t), {"target_id": delivery_id})
+    if rows:
+        yield Query(st.notify_due(t), fetch="none")
+        return delivery_from_row(rows[0])
+    current = yield from require_delivery(t, delivery_id)
+    if current.status is Status.SENT:
+        raise ResendOnSent(delivery_id)
+    raise InvalidTransition(delivery_id, current.status.value, "resend")
+
+
+def cancel(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:
+    """Cancel a waiting delivery, or raise why not (DeliveryNotFound, InvalidTransition)."""
+    rows = yield Query(st.cancel_if_waiting(t), {"target_id": delivery_id})
+    if rows:
+        return delivery_from_row(rows[0])
+    current = yield from require_delivery(t, delivery_id)
+    raise InvalidTransition(delivery_id, current.status.value, "cancel")
+
+
+def purge_batch(t: Tables, *, older_than_seconds: float, batch: int) -> Plan[int]:
+    params = {"age_seconds": float(older_than_seconds), "batch": batch}
+    [(count,)] = yield Query(st.purge_terminal_batch(t), params)
+    return int(count)
