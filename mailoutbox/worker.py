@@ -30,61 +30,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 
-from .errors import PermanentSendError, SendError, TransientSendError, UnknownSendOutcome
+from .delivery import (
+    EXPIRED_REASON,
+    MAX_ERROR_TEXT,
+    DeliveryRules,
+    TickReport,
+    WorkerObserver,
+    bounded,
+    by_claim_token,
+    finish_batch,
+)
 from .outbox import Outbox, translate_missing_schema
-from .records import AttemptRecord, ClaimedDelivery, Completion
-from .render import render
+from .records import ClaimedDelivery, Completion
 from .retry import RetryPolicy
-from .schema import Outcome, Status
-from .transports.base import Envelope, SendResult, Transport, close_transport
+from .transports.base import Transport, close_transport
 
 log = logging.getLogger(__name__)
-
-MAX_ERROR_TEXT = 2000
-EXPIRED_REASON = "expired"
-
-
-@dataclass(frozen=True)
-class TickReport:
-    """What one `tick()` did.
-
-    `claimed` counts leases taken; each ends as `sent`, `retried`,
-    `dead_lettered`, `released` (handed back unsent because the worker was
-    stopping) or `lost` (the lease was taken over before completion, so the
-    outcome was not recorded).
-    """
-
-    claimed: int = 0
-    sent: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    released: int = 0
-    lost: int = 0
-
-    def __add__(self, other: TickReport) -> TickReport:
-        return TickReport(
-            *(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__)
-        )
-
-
-class WorkerObserver(Protocol):
-    """Told about every completed batch (metrics live behind this; see metrics.py).
-
-    Called on the worker's thread after the batch's completion committed;
-    `completions` includes those that were fenced off (counted in report.lost).
-    It must not raise; an exception is logged and ignored.
-    """
-
-    def on_batch(self, report: TickReport, completions: Sequence[Completion]) -> None: ...
-
-
-def bounded(text: str, limit: int = MAX_ERROR_TEXT) -> str:
-    """Error text cut to `limit` characters, so rows and logs stay bounded."""
-    return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
 
 
 def default_worker_name() -> str:
@@ -149,6 +114,7 @@ class Worker:
         self.name = name or default_worker_name()
         self.message_id_domain = message_id_domain
         self.observer = observer
+        self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
         self._stopping = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -197,45 +163,11 @@ class Worker:
             completed = self.store.complete(conn, completions)
             released = sum(
                 self.store.release(conn, [c.delivery_id for c in group], token)
-                for token, group in _by_token(unsent)
+                for token, group in by_claim_token(unsent)
             )
-        counts = {status: 0 for status in (Status.SENT, Status.RETRYING, Status.DEAD_LETTERED)}
-        for c in completions:
-            if c.delivery_id in completed:
-                counts[c.status] += 1
-        lost = len(completions) - len(completed)
-        if lost:
-            log.warning(
-                "%d completions were fenced off: their leases had been taken over",
-                lost,
-                extra={"worker": self.name},
-            )
-        report = TickReport(
-            claimed=len(claimed),
-            sent=counts[Status.SENT],
-            retried=counts[Status.RETRYING],
-            dead_lettered=counts[Status.DEAD_LETTERED],
-            released=released,
-            lost=lost,
+        report, retried = finish_batch(
+            self.name, self.observer, len(claimed), completions, completed, released
         )
-        log.info(
-            "batch done: %d claimed, %d sent, %d retrying, %d dead-lettered",
-            report.claimed,
-            report.sent,
-            report.retried,
-            report.dead_lettered,
-            extra={"worker": self.name},
-        )
-        if self.observer is not None:
-            try:
-                self.observer.on_batch(report, completions)
-            except Exception:  # observing must never break delivering
-                log.exception("worker observer failed")
-        retried = [
-            c.delivery_id
-            for c in completions
-            if c.status is Status.RETRYING and c.delivery_id in completed
-        ]
         return Worker._Batch(report, retried)
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -248,152 +180,22 @@ class Worker:
     # --- one delivery (runs on a send thread; never raises) -----------------------------
 
     def _handle(self, claimed: ClaimedDelivery) -> Completion | None:
-        started = time.monotonic()
-        try:
-            return self._handle_unguarded(claimed, started)
-        except Exception as exc:  # one delivery must never stop the others
-            log.exception("unexpected error handling delivery %s", claimed.delivery_id)
-            return self._failed(claimed, started, exc, permanent=True)
-
-    def _handle_unguarded(self, claimed: ClaimedDelivery, started: float) -> Completion | None:
+        """The delivery's Completion, or None to hand its lease back (stopping)."""
         if self._stopping.is_set():
             return None
-        if claimed.attempts > self.retry.max_attempts:
-            # Only reachable through lost leases: each was counted when claimed.
-            return self._complete(
-                claimed,
-                Status.DEAD_LETTERED,
-                None,
-                reason=f"attempts exhausted ({self.retry.max_attempts}): "
-                "the worker holding it was lost each time",
-            )
-        if claimed.expires_at is not None and claimed.claimed_at >= claimed.expires_at:
-            attempt = AttemptRecord(Outcome.EXPIRED, error="expired before it could be sent")
-            return self._complete(claimed, Status.DEAD_LETTERED, attempt, reason=EXPIRED_REASON)
+        started = time.monotonic()
         try:
-            envelope = render(
-                claimed.delivery_id,
-                claimed.payload,
-                claimed.recipients,
-                # The Date header comes from the database clock, like every other time.
-                date=claimed.claimed_at,
-                message_id_domain=self.message_id_domain,
-            )
-        except Exception as exc:  # noqa: BLE001 - a message that cannot render is permanent
-            return self._failed(claimed, started, exc, permanent=True, prefix="render failed: ")
-        try:
-            result = self.transport.send(envelope)
-        except UnknownSendOutcome as exc:
-            return self._failed(claimed, started, exc, permanent=False, outcome=Outcome.UNKNOWN)
-        except TransientSendError as exc:
-            return self._failed(claimed, started, exc, permanent=False)
-        except PermanentSendError as exc:
-            return self._failed(claimed, started, exc, permanent=True)
-        except (ConnectionError, TimeoutError) as exc:
-            return self._failed(claimed, started, exc, permanent=False)
-        except Exception as exc:  # noqa: BLE001 - an unknown transport error is permanent
-            return self._failed(claimed, started, exc, permanent=True)
-        return self._sent(claimed, started, envelope, result)
-
-    def _sent(
-        self,
-        claimed: ClaimedDelivery,
-        started: float,
-        envelope: Envelope,
-        result: SendResult | None,
-    ) -> Completion | None:
-        refused = dict(result.refused) if result is not None and result.refused else None
-        attempt = AttemptRecord(
-            Outcome.SENT,
-            duration_seconds=time.monotonic() - started,
-            refused={addr: [code, bounded(text, 500)] for addr, (code, text) in refused.items()}
-            if refused
-            else None,
-        )
-        log.debug(
-            "sent delivery %s as %s",
-            claimed.delivery_id,
-            envelope.message_id,
-            extra={
-                "delivery_id": str(claimed.delivery_id),
-                "attempt": claimed.attempts,
-                "outcome": "sent",
-            },
-        )
-        return self._complete(claimed, Status.SENT, attempt)
-
-    def _failed(
-        self,
-        claimed: ClaimedDelivery,
-        started: float,
-        exc: BaseException,
-        *,
-        permanent: bool,
-        outcome: Outcome | None = None,
-        prefix: str = "",
-    ) -> Completion | None:
-        elapsed = time.monotonic() - started
-        code = exc.code if isinstance(exc, SendError) else None
-        text = bounded(prefix + (str(exc) or type(exc).__name__))
-        if outcome is None:
-            outcome = Outcome.PERMANENT_FAILURE if permanent else Outcome.TRANSIENT_FAILURE
-        attempt = AttemptRecord(
-            outcome,
-            duration_seconds=elapsed,
-            error=text,
-            error_class=type(exc).__name__,
-            smtp_code=code,
-            smtp_enhanced_code=exc.enhanced_code if isinstance(exc, SendError) else None,
-        )
-        decision = self.retry.decide(
-            attempts=claimed.attempts,
-            created_at=claimed.cycle_started_at,
-            now=claimed.claimed_at + timedelta(seconds=elapsed),
-            permanent=permanent,
-        )
-        log.info(
-            "delivery %s attempt %d failed (%s): %s",
-            claimed.delivery_id,
-            claimed.attempts,
-            outcome.value,
-            text,
-            extra={
-                "delivery_id": str(claimed.delivery_id),
-                "attempt": claimed.attempts,
-                "outcome": outcome.value,
-                "smtp_code": code,
-            },
-        )
-        if decision.should_retry:
-            return self._complete(
-                claimed,
-                Status.RETRYING,
-                attempt,
-                reason=text,
-                retry_delay=decision.delay.total_seconds(),
-            )
-        return self._complete(
-            claimed, Status.DEAD_LETTERED, attempt, reason=bounded(f"{decision.reason}: {text}")
-        )
-
-    def _complete(
-        self,
-        claimed: ClaimedDelivery,
-        status: Status,
-        attempt: AttemptRecord | None,
-        *,
-        reason: str = "",
-        retry_delay: float = 0.0,
-    ) -> Completion | None:
-        return Completion(
-            delivery_id=claimed.delivery_id,
-            claim_token=claimed.claim_token,
-            status=status,
-            attempt=attempt,
-            retry_delay_seconds=retry_delay,
-            reason=reason,
-            worker=self.name,
-        )
+            step = self.rules.before_send(claimed)
+            if isinstance(step, Completion):
+                return step
+            try:
+                result = self.transport.send(step)
+            except Exception as exc:  # noqa: BLE001 - classified in after_failure
+                return self.rules.after_failure(claimed, started, exc)
+            return self.rules.after_send(claimed, started, result)
+        except Exception as exc:  # one delivery must never stop the others
+            log.exception("unexpected error handling delivery %s", claimed.delivery_id)
+            return self.rules.after_failure(claimed, started, exc, permanent=True)
 
     # --- the long-running loop ------------------------------------------------------------
 
@@ -487,15 +289,6 @@ class Worker:
         close_transport(self.transport)
 
 
-def _by_token(
-    claimed: Sequence[ClaimedDelivery],
-) -> Iterator[tuple[uuid.UUID, list[ClaimedDelivery]]]:
-    groups: dict[uuid.UUID, list[ClaimedDelivery]] = {}
-    for c in claimed:
-        groups.setdefault(c.claim_token, []).append(c)
-    yield from groups.items()
-
-
 class _Listener:
     """A dedicated autocommit connection LISTENing on the outbox's channel."""
 
@@ -520,4 +313,11 @@ class _Listener:
             self._raw.close()
 
 
-__all__ = ["TickReport", "Worker", "WorkerObserver", "bounded"]
+__all__ = [
+    "EXPIRED_REASON",
+    "MAX_ERROR_TEXT",
+    "TickReport",
+    "Worker",
+    "WorkerObserver",
+    "bounded",
+]

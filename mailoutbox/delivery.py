@@ -1,0 +1,285 @@
+"""What happens to one claimed delivery: the decisions around a send, without I/O.
+
+Both workers (worker.py, and the async one in aio.py) run a claimed delivery
+through the same three steps: `before_send` (checks that need no send, then
+render), the transport's send (the only I/O, theirs), and `after_send` or
+`after_failure`, which turn the outcome into a Completion the store applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Sequence, Set
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+from .errors import PermanentSendError, SendError, TransientSendError, UnknownSendOutcome
+from .records import AttemptRecord, ClaimedDelivery, Completion
+from .render import render
+from .retry import RetryPolicy
+from .schema import Outcome, Status
+from .transports.base import Envelope, SendResult
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_TEXT = 2000
+EXPIRED_REASON = "expired"
+
+
+def bounded(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    """Error text cut to `limit` characters, so rows and logs stay bounded."""
+    return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
+
+
+def classify(exc: BaseException) -> tuple[bool, Outcome]:
+    """(permanent?, outcome) of an exception raised by a transport's send.
+
+    Network errors are transient whatever transport raised them; anything the
+    transport did not classify is permanent, so a bug cannot loop forever.
+    """
+    if isinstance(exc, UnknownSendOutcome):
+        return False, Outcome.UNKNOWN
+    if isinstance(exc, TransientSendError | ConnectionError | TimeoutError):
+        return False, Outcome.TRANSIENT_FAILURE
+    if isinstance(exc, PermanentSendError):
+        return True, Outcome.PERMANENT_FAILURE
+    return True, Outcome.PERMANENT_FAILURE
+
+
+@dataclass(frozen=True)
+class TickReport:
+    """What one `tick()` did.
+
+    `claimed` counts leases taken; each ends as `sent`, `retried`,
+    `dead_lettered`, `released` (handed back unsent because the worker was
+    stopping) or `lost` (the lease was taken over before completion, so the
+    outcome was not recorded).
+    """
+
+    claimed: int = 0
+    sent: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    released: int = 0
+    lost: int = 0
+
+    def __add__(self, other: TickReport) -> TickReport:
+        return TickReport(
+            *(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__)
+        )
+
+    @classmethod
+    def of_batch(
+        cls,
+        claimed: int,
+        completions: Sequence[Completion],
+        completed: Set[uuid.UUID],
+        released: int,
+    ) -> TickReport:
+        applied = [c.status for c in completions if c.delivery_id in completed]
+        return cls(
+            claimed=claimed,
+            sent=applied.count(Status.SENT),
+            retried=applied.count(Status.RETRYING),
+            dead_lettered=applied.count(Status.DEAD_LETTERED),
+            released=released,
+            lost=len(completions) - len(applied),
+        )
+
+
+@dataclass(frozen=True)
+class DeliveryRules:
+    """The per-delivery decisions, configured once per worker."""
+
+    retry: RetryPolicy
+    worker: str
+    message_id_domain: str | None = None
+
+    def before_send(self, claimed: ClaimedDelivery) -> Completion | Envelope:
+        """A Completion if the delivery must not be sent, else the Envelope to send."""
+        if claimed.attempts > self.retry.max_attempts:
+            # Only reachable through lost leases: each was counted when claimed.
+            return self.complete(
+                claimed,
+                Status.DEAD_LETTERED,
+                None,
+                reason=f"attempts exhausted ({self.retry.max_attempts}): "
+                "the worker holding it was lost each time",
+            )
+        if claimed.expires_at is not None and claimed.claimed_at >= claimed.expires_at:
+            attempt = AttemptRecord(Outcome.EXPIRED, error="expired before it could be sent")
+            return self.complete(claimed, Status.DEAD_LETTERED, attempt, reason=EXPIRED_REASON)
+        started = time.monotonic()
+        try:
+            return render(
+                claimed.delivery_id,
+                claimed.payload,
+                claimed.recipients,
+                # The Date header comes from the database clock, like every other time.
+                date=claimed.claimed_at,
+                message_id_domain=self.message_id_domain,
+            )
+        except Exception as exc:  # noqa: BLE001 - a message that cannot render is permanent
+            return self.after_failure(
+                claimed, started, exc, permanent=True, prefix="render failed: "
+            )
+
+    def after_send(
+        self, claimed: ClaimedDelivery, started: float, result: SendResult | None
+    ) -> Completion:
+        """The Completion of a send that succeeded (possibly refusing some recipients)."""
+        refused = result.refused if result is not None else None
+        attempt = AttemptRecord(
+            Outcome.SENT,
+            duration_seconds=time.monotonic() - started,
+            refused={a: [code, bounded(text, 500)] for a, (code, text) in refused.items()}
+            if refused
+            else None,
+        )
+        log.debug(
+            "sent delivery %s",
+            claimed.delivery_id,
+            extra={
+                "delivery_id": str(claimed.delivery_id),
+                "attempt": claimed.attempts,
+                "outcome": "sent",
+            },
+        )
+        return self.complete(claimed, Status.SENT, attempt)
+
+    def after_failure(
+        self,
+        claimed: ClaimedDelivery,
+        started: float,
+        exc: BaseException,
+        *,
+        permanent: bool | None = None,
+        prefix: str = "",
+    ) -> Completion:
+        """The Completion of a failed attempt: retry by the policy, or dead-letter.
+
+        `permanent` overrides the classification of `exc` (see `classify`).
+        """
+        elapsed = time.monotonic() - started
+        classified_permanent, outcome = classify(exc)
+        if permanent is None:
+            permanent = classified_permanent
+        code = exc.code if isinstance(exc, SendError) else None
+        text = bounded(prefix + (str(exc) or type(exc).__name__))
+        attempt = AttemptRecord(
+            outcome,
+            duration_seconds=elapsed,
+            error=text,
+            error_class=type(exc).__name__,
+            smtp_code=code,
+            smtp_enhanced_code=exc.enhanced_code if isinstance(exc, SendError) else None,
+        )
+        decision = self.retry.decide(
+            attempts=claimed.attempts,
+            created_at=claimed.cycle_started_at,
+            now=claimed.claimed_at + timedelta(seconds=elapsed),
+            permanent=permanent,
+        )
+        log.info(
+            "delivery %s attempt %d failed (%s): %s",
+            claimed.delivery_id,
+            claimed.attempts,
+            outcome.value,
+            text,
+            extra={
+                "delivery_id": str(claimed.delivery_id),
+                "attempt": claimed.attempts,
+                "outcome": outcome.value,
+                "smtp_code": code,
+            },
+        )
+        if decision.should_retry:
+            return self.complete(
+                claimed,
+                Status.RETRYING,
+                attempt,
+                reason=text,
+                retry_delay=decision.delay.total_seconds(),
+            )
+        return self.complete(
+            claimed, Status.DEAD_LETTERED, attempt, reason=bounded(f"{decision.reason}: {text}")
+        )
+
+    def complete(
+        self,
+        claimed: ClaimedDelivery,
+        status: Status,
+        attempt: AttemptRecord | None,
+        *,
+        reason: str = "",
+        retry_delay: float = 0.0,
+    ) -> Completion:
+        return Completion(
+            delivery_id=claimed.delivery_id,
+            claim_token=claimed.claim_token,
+            status=status,
+            attempt=attempt,
+            retry_delay_seconds=retry_delay,
+            reason=reason,
+            worker=self.worker,
+        )
+
+
+class WorkerObserver(Protocol):
+    """Told about every completed batch (metrics live behind this; see metrics.py).
+
+    Called on the worker's thread after the batch's completion committed;
+    `completions` includes those that were fenced off (counted in report.lost).
+    It must not raise; an exception is logged and ignored.
+    """
+
+    def on_batch(self, report: TickReport, completions: Sequence[Completion]) -> None: ...
+
+
+def finish_batch(
+    worker: str,
+    observer: WorkerObserver | None,
+    claimed: int,
+    completions: Sequence[Completion],
+    completed: Set[uuid.UUID],
+    released: int,
+) -> tuple[TickReport, list[uuid.UUID]]:
+    """Report a committed batch (log, observer); answer its report and the retried ids."""
+    report = TickReport.of_batch(claimed, completions, completed, released)
+    if report.lost:
+        log.warning(
+            "%d completions were fenced off: their leases had been taken over",
+            report.lost,
+            extra={"worker": worker},
+        )
+    log.info(
+        "batch done: %d claimed, %d sent, %d retrying, %d dead-lettered",
+        report.claimed,
+        report.sent,
+        report.retried,
+        report.dead_lettered,
+        extra={"worker": worker},
+    )
+    if observer is not None:
+        try:
+            observer.on_batch(report, completions)
+        except Exception:  # observing must never break delivering
+            log.exception("worker observer failed")
+    retried = [
+        c.delivery_id
+        for c in completions
+        if c.status is Status.RETRYING and c.delivery_id in completed
+    ]
+    return report, retried
+
+
+def by_claim_token(
+    claimed: Sequence[ClaimedDelivery],
+) -> Iterator[tuple[uuid.UUID, list[ClaimedDelivery]]]:
+    groups: dict[uuid.UUID, list[ClaimedDelivery]] = {}
+    for c in claimed:
+        groups.setdefault(c.claim_token, []).append(c)
+    yield from groups.items()
