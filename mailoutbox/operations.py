@@ -294,6 +294,26 @@ def list_deliveries(
     return [delivery_from_row(row) for row in rows], int(total)
 
 
+def recipients_of(t: Tables, delivery_id: uuid.UUID) -> Plan[list[Recipient]]:
+    """The recipients of an existing delivery (DeliveryNotFound otherwise)."""
+    yield from require_delivery(t, delivery_id)
+    return (yield from list_recipients(t, delivery_id))
+
+
+def payload_of(t: Tables, delivery_id: uuid.UUID) -> Plan[Payload]:
+    """The stored parts of an existing delivery (DeliveryNotFound otherwise)."""
+    payload = yield from get_payload(t, delivery_id)
+    if payload is None:
+        raise DeliveryNotFound(delivery_id)
+    return payload
+
+
+def attempts_of(t: Tables, delivery_id: uuid.UUID) -> Plan[list[Attempt]]:
+    """The attempts of an existing delivery (DeliveryNotFound otherwise)."""
+    yield from require_delivery(t, delivery_id)
+    return (yield from list_attempts(t, delivery_id))
+
+
 def list_recipients(t: Tables, delivery_id: uuid.UUID) -> Plan[list[Recipient]]:
     rows = yield Query(st.select_recipients(t), {"delivery_id": delivery_id})
     return [Recipient(row.address, Kind(row.kind)) for row in rows]

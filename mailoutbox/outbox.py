@@ -15,7 +15,7 @@ from . import operations as ops
 from .errors import DeliveryNotFound, SchemaNotMigrated
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail, PreparedMail, normalize_address, prepare
 from .records import Attempt, DeadLetter, Delivery, Enqueued, Page, Payload, Recipient
-from .schema import DEFAULT_SCHEMA, Status
+from .schema import DEFAULT_SCHEMA, Status, Tables, tables_for
 from .store import Store, run
 
 T = TypeVar("T")
@@ -46,11 +46,18 @@ def connection_of(connection: Any) -> sa.Connection:
     raise TypeError(f"expected a sqlalchemy Connection or Session, got {type(connection).__name__}")
 
 
-def _check_page(offset: int, limit: int) -> None:
+def check_page(offset: int, limit: int) -> None:
     if not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
     if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit!r}")
+
+
+def check_purge(older_than: timedelta, batch_size: int) -> None:
+    if older_than < timedelta(0):
+        raise ValueError("older_than must not be negative")
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive")
 
 
 @contextlib.contextmanager
@@ -77,7 +84,33 @@ def _translated(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-class Outbox:
+class OutboxSettings:
+    """What Outbox and AsyncOutbox share: the schema, the sender, the size limit."""
+
+    def __init__(
+        self,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        default_sender: str | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.tables: Tables = tables_for(schema)
+        self.schema = self.tables.schema
+        self.default_sender = (
+            None if default_sender is None else normalize_address(default_sender, "default_sender")
+        )
+        if max_payload_bytes <= 0:
+            raise ValueError("max_payload_bytes must be positive")
+        self.max_payload_bytes = max_payload_bytes
+
+    def prepare(self, mail: Mail) -> PreparedMail:
+        """Validate `mail` with this outbox's settings (raises InvalidMail)."""
+        return prepare(
+            mail, default_sender=self.default_sender, max_payload_bytes=self.max_payload_bytes
+        )
+
+
+class Outbox(OutboxSettings):
     """Enqueue mail transactionally and administer the outbox.
 
     `engine` is a SQLAlchemy Engine on PostgreSQL (psycopg 3). `schema` names the
@@ -94,24 +127,21 @@ class Outbox:
         default_sender: str | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
-        self.engine = engine
-        self.store = Store(schema)
-        self.tables = self.store.tables
-        self.schema = self.tables.schema
-        self.default_sender = (
-            None if default_sender is None else normalize_address(default_sender, "default_sender")
+        super().__init__(
+            schema=schema, default_sender=default_sender, max_payload_bytes=max_payload_bytes
         )
-        if max_payload_bytes <= 0:
-            raise ValueError("max_payload_bytes must be positive")
-        self.max_payload_bytes = max_payload_bytes
+        self.engine = engine
+        self.store = Store(self.tables)
+
+    def _read(self, plan: ops.Plan[T]) -> T:
+        with self.engine.connect() as conn:
+            return run(conn, plan)
+
+    def _write(self, plan: ops.Plan[T]) -> T:
+        with self.engine.begin() as conn:
+            return run(conn, plan)
 
     # enqueue
-
-    def prepare(self, mail: Mail) -> PreparedMail:
-        """Validate `mail` with this outbox's settings (raises InvalidMail)."""
-        return prepare(
-            mail, default_sender=self.default_sender, max_payload_bytes=self.max_payload_bytes
-        )
 
     def enqueue(self, mail: Mail, *, connection: Any = None) -> Enqueued:
         """Enqueue one mail; see enqueue_many for the transaction rules."""
@@ -131,14 +161,11 @@ class Outbox:
         created=False; duplicates never raise and leave the caller's
         transaction usable.
         """
-        prepared = [self.prepare(mail) for mail in mails]
-        if not prepared:
-            return []
+        plan = ops.insert_enqueue(self.tables, [self.prepare(mail) for mail in mails])
         if connection is not None:
-            results = self.store.insert_enqueue(connection_of(connection), prepared)
+            results = run(connection_of(connection), plan)
         else:
-            with self.engine.begin() as conn:
-                results = self.store.insert_enqueue(conn, prepared)
+            results = self._write(plan)
         return [Enqueued(delivery_id, created) for delivery_id, created in results]
 
     # reads
@@ -146,8 +173,7 @@ class Outbox:
     @_translated
     def get_delivery(self, delivery_id: uuid.UUID | str) -> Delivery:
         """The delivery with that id (raises DeliveryNotFound)."""
-        with self.engine.connect() as conn:
-            return run(conn, ops.require_delivery(self.tables, as_delivery_id(delivery_id)))
+        return self._read(ops.require_delivery(self.tables, as_delivery_id(delivery_id)))
 
     @_translated
     def list_deliveries(
@@ -159,38 +185,32 @@ class Outbox:
         template_id: str | None = None,
     ) -> Page[Delivery]:
         """A page of deliveries, newest first, optionally of one status/template."""
-        _check_page(offset, limit)
-        status = None if status is None else Status(status)
-        with self.engine.connect() as conn:
-            items, total = self.store.list_deliveries(
-                conn, offset=offset, limit=limit, status=status, template_id=template_id
+        check_page(offset, limit)
+        items, total = self._read(
+            ops.list_deliveries(
+                self.tables,
+                offset=offset,
+                limit=limit,
+                status=None if status is None else Status(status),
+                template_id=template_id,
             )
+        )
         return Page(items, total, offset, limit)
 
     @_translated
     def list_recipients(self, delivery_id: uuid.UUID | str) -> list[Recipient]:
         """The delivery's recipients in order (raises DeliveryNotFound)."""
-        delivery = self.get_delivery(delivery_id)
-        with self.engine.connect() as conn:
-            return self.store.list_recipients(conn, delivery.delivery_id)
+        return self._read(ops.recipients_of(self.tables, as_delivery_id(delivery_id)))
 
     @_translated
     def get_payload(self, delivery_id: uuid.UUID | str) -> Payload:
         """The stored parts of the delivery's mail (raises DeliveryNotFound)."""
-        delivery_id = as_delivery_id(delivery_id)
-        with self.engine.connect() as conn:
-            payload = self.store.get_payload(conn, delivery_id)
-        if payload is None:
-            raise DeliveryNotFound(delivery_id)
-        return payload
+        return self._read(ops.payload_of(self.tables, as_delivery_id(delivery_id)))
 
     @_translated
     def list_attempts(self, delivery_id: uuid.UUID | str) -> list[Attempt]:
         """Every attempt of the delivery, by attempt_no (raises DeliveryNotFound)."""
-        delivery_id = as_delivery_id(delivery_id)
-        with self.engine.connect() as conn:
-            run(conn, ops.require_delivery(self.tables, delivery_id))
-            return self.store.list_attempts(conn, delivery_id)
+        return self._read(ops.attempts_of(self.tables, as_delivery_id(delivery_id)))
 
     @_translated
     def list_dead_letters(self, offset: int = 0, limit: int = 50) -> Page[DeadLetter]:
@@ -199,22 +219,19 @@ class Outbox:
         A delivery that was dead-lettered, resent and dead-lettered again has
         one row per time: the list is an archive, not the current state.
         """
-        _check_page(offset, limit)
-        with self.engine.connect() as conn:
-            items, total = self.store.list_dead_letters(conn, offset=offset, limit=limit)
+        check_page(offset, limit)
+        items, total = self._read(ops.list_dead_letters(self.tables, offset=offset, limit=limit))
         return Page(items, total, offset, limit)
 
     @_translated
     def count_by_status(self) -> dict[Status, int]:
         """Number of deliveries in each state; every state is present, zeros included."""
-        with self.engine.connect() as conn:
-            return self.store.count_by_status(conn)
+        return self._read(ops.count_by_status(self.tables))
 
     @_translated
     def queue_health(self) -> tuple[float, int]:
         """(seconds the oldest due delivery has waited, leases in flight)."""
-        with self.engine.connect() as conn:
-            return self.store.queue_health(conn)
+        return self._read(ops.queue_health(self.tables))
 
     # repair
 
@@ -227,8 +244,7 @@ class Outbox:
         attempts resets to 0 and expires_at is cleared; the attempt history is
         kept and its numbering continues. Raises DeliveryNotFound.
         """
-        with self.engine.begin() as conn:
-            return self.store.resend(conn, as_delivery_id(delivery_id))
+        return self._write(ops.resend(self.tables, as_delivery_id(delivery_id)))
 
     @_translated
     def cancel(self, delivery_id: uuid.UUID | str) -> Delivery:
@@ -237,8 +253,7 @@ class Outbox:
         Raises DeliveryNotFound, or InvalidTransition for a delivery in flight
         or already finished. A cancelled delivery can be resent.
         """
-        with self.engine.begin() as conn:
-            return self.store.cancel(conn, as_delivery_id(delivery_id))
+        return self._write(ops.cancel(self.tables, as_delivery_id(delivery_id)))
 
     @_translated
     def purge(self, older_than: timedelta = timedelta(days=30), *, batch_size: int = 1000) -> int:
@@ -249,16 +264,14 @@ class Outbox:
         `batch_size`, each its own short transaction, so it never holds many
         locks or a long transaction; returns how many deliveries were deleted.
         """
-        if older_than < timedelta(0):
-            raise ValueError("older_than must not be negative")
-        if batch_size < 1:
-            raise ValueError("batch_size must be positive")
+        check_purge(older_than, batch_size)
         total = 0
         while True:
-            with self.engine.begin() as conn:
-                deleted = self.store.purge_batch(
-                    conn, older_than_seconds=older_than.total_seconds(), batch=batch_size
+            deleted = self._write(
+                ops.purge_batch(
+                    self.tables, older_than_seconds=older_than.total_seconds(), batch=batch_size
                 )
+            )
             total += deleted
             if deleted < batch_size:
                 return total

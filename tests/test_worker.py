@@ -387,11 +387,11 @@ def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
 ) -> None:
     """On stop: sends in flight complete, unstarted leases are released, none are left."""
     outbox.enqueue_many([make_mail() for _ in range(6)])
-    in_flight = threading.Event()
+    both_in_flight = threading.Barrier(3)
     release = threading.Event()
 
     def handler(envelope: Envelope) -> None:
-        in_flight.set()
+        both_in_flight.wait(10)
         release.wait(10)
 
     transport = MemoryTransport(handler)
@@ -399,7 +399,7 @@ def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
     stop = threading.Event()
     runner = threading.Thread(target=w.run, kwargs={"stop": stop, "handle_signals": False})
     runner.start()
-    assert in_flight.wait(10)
+    both_in_flight.wait(10)
     stop.set()
     time.sleep(0.5)
     release.set()
