@@ -52,6 +52,20 @@ from .transports.base import Transport, close_transport
 log = logging.getLogger(__name__)
 
 
+def check_worker_settings(
+    batch_size: int, concurrency: int, lease: timedelta, poll_interval: timedelta
+) -> None:
+    """Refuse settings no worker can run with (ValueError)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if lease <= timedelta(0):
+        raise ValueError("lease must be positive")
+    if poll_interval <= timedelta(0):
+        raise ValueError("poll_interval must be positive")
+
+
 def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -93,14 +107,7 @@ class Worker:
         message_id_domain: str | None = None,
         observer: WorkerObserver | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if lease <= timedelta(0):
-            raise ValueError("lease must be positive")
-        if poll_interval <= timedelta(0):
-            raise ValueError("poll_interval must be positive")
+        check_worker_settings(batch_size, concurrency, lease, poll_interval)
         self.outbox = outbox
         self.store = outbox.store
         self.engine = outbox.engine

@@ -13,10 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import mailoutbox
 from mailoutbox import Outbox
+from mailoutbox.aio import AsyncOutbox
 
+from .async_bridge import LoopThread, SyncOutbox
 from .postgres import postgres_server
 
 SCHEMA = "mailoutbox"
@@ -79,6 +82,36 @@ def engine(db_url: sa.URL) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
+DEFAULT_SENDER = "Shop <noreply@example.com>"
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    """An event loop in a background thread, for the async variants."""
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
 @pytest.fixture
-def outbox(engine: sa.Engine) -> Outbox:
-    return Outbox(engine, schema=SCHEMA, default_sender="Shop <noreply@example.com>")
+def sync_outbox(engine: sa.Engine) -> Outbox:
+    """The synchronous Outbox (for tests of what only it offers, e.g. a sync Connection)."""
+    return Outbox(engine, schema=SCHEMA, default_sender=DEFAULT_SENDER)
+
+
+@pytest.fixture(params=["sync", "async"])
+def outbox(
+    request: pytest.FixtureRequest, engine: sa.Engine, db_url: sa.URL, loop_thread: LoopThread
+) -> Iterator[Outbox]:
+    """The Outbox, and (second run) AsyncOutbox behind the same API: one suite for both."""
+    if request.param == "sync":
+        yield Outbox(engine, schema=SCHEMA, default_sender=DEFAULT_SENDER)
+        return
+    async_engine = loop_thread.run(_create_async_engine(db_url))
+    aoutbox = AsyncOutbox(async_engine, schema=SCHEMA, default_sender=DEFAULT_SENDER)
+    yield SyncOutbox(aoutbox, loop_thread, engine)  # type: ignore[misc]
+    loop_thread.run(async_engine.dispose())
+
+
+async def _create_async_engine(url: sa.URL) -> AsyncEngine:
+    return create_async_engine(url, pool_size=20, max_overflow=20)

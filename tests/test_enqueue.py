@@ -72,9 +72,10 @@ def test_enqueue_stores_parts_not_a_rendered_message(outbox: Outbox) -> None:
 
 
 def test_enqueue_on_callers_connection_commits_with_the_caller(
-    engine: sa.Engine, outbox: Outbox, orders: sa.Table
+    engine: sa.Engine, sync_outbox: Outbox, orders: sa.Table
 ) -> None:
     """Mail and business row become visible together when the caller commits."""
+    outbox = sync_outbox
     with engine.begin() as conn:
         conn.execute(orders.insert().values(id=1))
         result = outbox.enqueue(make_mail(), connection=conn)
@@ -84,9 +85,10 @@ def test_enqueue_on_callers_connection_commits_with_the_caller(
 
 
 def test_rolled_back_caller_transaction_leaves_no_mail(
-    engine: sa.Engine, outbox: Outbox, orders: sa.Table
+    engine: sa.Engine, sync_outbox: Outbox, orders: sa.Table
 ) -> None:
     """If the caller rolls back, no delivery, payload or recipient exists."""
+    outbox = sync_outbox
     conn = engine.connect()
     trans = conn.begin()
     conn.execute(orders.insert().values(id=1))
@@ -97,9 +99,10 @@ def test_rolled_back_caller_transaction_leaves_no_mail(
 
 
 def test_enqueue_joins_an_orm_session_transaction(
-    engine: sa.Engine, outbox: Outbox, orders: sa.Table
+    engine: sa.Engine, sync_outbox: Outbox, orders: sa.Table
 ) -> None:
     """A Session can be passed as the connection; its commit or rollback decides."""
+    outbox = sync_outbox
     with Session(engine) as session:
         session.execute(orders.insert().values(id=1))
         kept = outbox.enqueue(make_mail(), connection=session)
@@ -124,9 +127,10 @@ def test_duplicate_returns_existing_id_and_leaves_no_orphans(
 
 
 def test_duplicate_keeps_callers_transaction_usable(
-    engine: sa.Engine, outbox: Outbox, orders: sa.Table
+    engine: sa.Engine, sync_outbox: Outbox, orders: sa.Table
 ) -> None:
     """After a duplicate enqueue the caller's other writes still commit."""
+    outbox = sync_outbox
     outbox.enqueue(make_mail(idempotency_key="order-1"))
     with engine.begin() as conn:
         dup = outbox.enqueue(make_mail(idempotency_key="order-1"), connection=conn)
@@ -164,8 +168,9 @@ def test_enqueue_many_duplicates_leave_no_orphans(engine: sa.Engine, outbox: Out
     assert counts["mail_recipients"] == 2
 
 
-def test_enqueue_many_is_one_statement_per_batch(engine: sa.Engine, outbox: Outbox) -> None:
+def test_enqueue_many_is_one_statement_per_batch(engine: sa.Engine, sync_outbox: Outbox) -> None:
     """A batch of new mails costs one statement, whatever its size."""
+    outbox = sync_outbox
     statements: list[str] = []
 
     def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
@@ -187,9 +192,10 @@ def test_enqueue_many_with_no_mails_writes_nothing(engine: sa.Engine, outbox: Ou
 
 
 def test_invalid_mail_in_batch_writes_nothing_and_keeps_transaction(
-    engine: sa.Engine, outbox: Outbox, orders: sa.Table
+    engine: sa.Engine, sync_outbox: Outbox, orders: sa.Table
 ) -> None:
     """One invalid mail rejects the batch before any write; the caller can carry on."""
+    outbox = sync_outbox
     with engine.begin() as conn:
         with pytest.raises(InvalidMail):
             outbox.enqueue_many([make_mail(), make_mail(to=["not an address"])], connection=conn)
@@ -260,8 +266,11 @@ def test_sixteen_threads_enqueueing_one_key_create_one_delivery(
     assert row_counts(engine)["mail_payloads"] == 1
 
 
-def test_rolled_back_first_inserter_lets_the_next_create(engine: sa.Engine, outbox: Outbox) -> None:
+def test_rolled_back_first_inserter_lets_the_next_create(
+    engine: sa.Engine, sync_outbox: Outbox
+) -> None:
     """If the transaction that inserted a key first rolls back, a waiting enqueue creates it."""
+    outbox = sync_outbox
     first = engine.connect()
     trans = first.begin()
     doomed = outbox.enqueue(make_mail(idempotency_key="k"), connection=first)
@@ -282,9 +291,10 @@ def test_rolled_back_first_inserter_lets_the_next_create(engine: sa.Engine, outb
 
 
 def test_sixteen_threads_with_rollbacks_leave_exactly_committed_keys(
-    engine: sa.Engine, outbox: Outbox
+    engine: sa.Engine, sync_outbox: Outbox
 ) -> None:
     """Racing enqueues where half roll back: one delivery, owned by a committed caller."""
+    outbox = sync_outbox
 
     def body(i: int) -> uuid.UUID | None:
         with engine.connect() as conn:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import threading
 import uuid
 
+import pytest
 import sqlalchemy as sa
 
 from mailoutbox import Outbox, Outcome, Status
 from mailoutbox.records import AttemptRecord, ClaimedDelivery, Completion
 
 from .factories import make_mail, row_counts
+
+
+@pytest.fixture
+def outbox(sync_outbox: Outbox) -> Outbox:
+    """Store-level tests drive the sync store; the async store runs the same plans."""
+    return sync_outbox
 
 
 def claim(

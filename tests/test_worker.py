@@ -26,14 +26,16 @@ from mailoutbox.transports.base import Envelope
 from mailoutbox.transports.memory import MemoryTransport
 from mailoutbox.worker import TickReport, Worker
 
+from .async_bridge import make_worker
 from .factories import make_mail, row_counts
 
 NO_DELAY = RetryPolicy(max_attempts=3, base_delay=timedelta(0), max_delay=timedelta(0))
 
 
 def worker(outbox: Outbox, transport: object, **kwargs: object) -> Worker:
+    """A worker of the outbox's kind: Worker, or AsyncWorker behind the same API."""
     kwargs.setdefault("retry", NO_DELAY)
-    return Worker(outbox, transport, name="test-worker", **kwargs)  # type: ignore[arg-type]
+    return make_worker(outbox, transport, name="test-worker", **kwargs)  # type: ignore[no-any-return]
 
 
 def failing(exc: Exception) -> MemoryTransport:
@@ -421,4 +423,4 @@ def test_worker_rejects_nonsense_settings(outbox: Outbox) -> None:
     """Zero batch, zero concurrency or a non-positive lease are refused up front."""
     for kwargs in ({"batch_size": 0}, {"concurrency": 0}, {"lease": timedelta(0)}):
         with pytest.raises(ValueError):
-            Worker(outbox, MemoryTransport(), **kwargs)  # type: ignore[arg-type]
+            worker(outbox, MemoryTransport(), **kwargs)

@@ -20,6 +20,7 @@ from mailoutbox.retry import RetryPolicy
 from mailoutbox.transports.smtp import SmtpTransport
 from mailoutbox.worker import TickReport, Worker
 
+from .async_bridge import make_worker
 from .factories import make_mail
 from .smtp_sink import SmtpSink
 
@@ -36,7 +37,9 @@ def smtp_worker(outbox: Outbox, sink: SmtpSink, **transport_kwargs: object) -> W
     transport_kwargs.setdefault("security", "none")
     transport_kwargs.setdefault("timeout", 5.0)
     transport = SmtpTransport(sink.host, sink.port, **transport_kwargs)  # type: ignore[arg-type]
-    return Worker(outbox, transport, retry=POLICY, name="smtp-worker", concurrency=2)
+    return make_worker(  # type: ignore[no-any-return]
+        outbox, transport, retry=POLICY, name="smtp-worker", concurrency=2
+    )
 
 
 def run_tick(worker: Worker) -> TickReport:
@@ -240,7 +243,7 @@ def test_refused_connection_is_transient(outbox: Outbox) -> None:
     """Nobody listening on the port: transient, retried later."""
     enq = outbox.enqueue(make_mail())
     transport = SmtpTransport("127.0.0.1", 1, security="none", timeout=2.0)
-    worker = Worker(outbox, transport, retry=POLICY)
+    worker = make_worker(outbox, transport, retry=POLICY)
     assert run_tick(worker).retried == 1
     [attempt] = outbox.list_attempts(enq.delivery_id)
     assert attempt.outcome is Outcome.TRANSIENT_FAILURE and attempt.smtp_code is None

@@ -1,0 +1,452 @@
+"""The async twin: AsyncStore, AsyncOutbox and AsyncWorker for asyncio applications.
+
+They run the very same plans (operations.py) and statements (statements.py)
+as the sync classes, on SQLAlchemy's AsyncConnection with psycopg's async
+driver, and take the same per-delivery decisions (delivery.py). Enqueue joins
+the caller's AsyncConnection or AsyncSession transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from . import operations as ops
+from .delivery import DeliveryRules, TickReport, WorkerObserver, by_claim_token, finish_batch
+from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail
+from .outbox import (
+    OutboxSettings,
+    as_delivery_id,
+    check_page,
+    check_purge,
+    translate_missing_schema,
+)
+from .records import (
+    Attempt,
+    ClaimedDelivery,
+    Completion,
+    DeadLetter,
+    Delivery,
+    Enqueued,
+    Page,
+    Payload,
+    Recipient,
+)
+from .retry import RetryPolicy
+from .schema import DEFAULT_SCHEMA, Status
+from .transports.base import Envelope, SendResult, close_transport
+from .worker import check_worker_settings, default_worker_name
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def arun(conn: AsyncConnection, plan: ops.Plan[T]) -> T:
+    """Drive a plan to its answer, executing each Query it yields on `conn`."""
+    try:
+        query = next(plan)
+        while True:
+            result = await conn.execute(query.statement, query.params or {})
+            query = plan.send(ops.fetch(result, query.fetch))
+    except StopIteration as done:
+        answer: T = done.value
+        return answer
+
+
+async def async_connection_of(connection: Any) -> AsyncConnection:
+    """The AsyncConnection behind an AsyncConnection or an AsyncSession."""
+    if isinstance(connection, AsyncConnection):
+        return connection
+    get = getattr(connection, "connection", None)
+    if callable(get):
+        conn = get()
+        if inspect.isawaitable(conn):
+            conn = await conn
+        if isinstance(conn, AsyncConnection):
+            return conn
+    raise TypeError(f"expected an AsyncConnection or AsyncSession, got {type(connection).__name__}")
+
+
+class AsyncStore:
+    """The store's worker operations on an AsyncConnection the caller owns."""
+
+    def __init__(self, settings: OutboxSettings) -> None:
+        self.tables = settings.tables
+
+    async def claim_due(
+        self,
+        conn: AsyncConnection,
+        *,
+        limit: int,
+        worker: str,
+        lease_seconds: float,
+        exclude: Sequence[uuid.UUID] = (),
+        claim_token: uuid.UUID | None = None,
+    ) -> list[ClaimedDelivery]:
+        return await arun(
+            conn,
+            ops.claim_due(
+                self.tables,
+                limit=limit,
+                worker=worker,
+                lease_seconds=lease_seconds,
+                exclude=exclude,
+                claim_token=claim_token,
+            ),
+        )
+
+    async def complete(
+        self, conn: AsyncConnection, completions: Sequence[Completion]
+    ) -> set[uuid.UUID]:
+        return await arun(conn, ops.complete(self.tables, completions))
+
+    async def release(
+        self, conn: AsyncConnection, delivery_ids: Sequence[uuid.UUID], claim_token: uuid.UUID
+    ) -> int:
+        return await arun(conn, ops.release(self.tables, delivery_ids, claim_token))
+
+
+class AsyncOutbox(OutboxSettings):
+    """Every operation of `Outbox`, as coroutines on an AsyncEngine.
+
+    Same guarantees and errors: enqueue on the caller's AsyncConnection (or an
+    AsyncSession) commits and rolls back with the caller; duplicates return
+    the existing id with created=False and never abort the transaction.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        default_sender: str | None = None,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        super().__init__(
+            schema=schema, default_sender=default_sender, max_payload_bytes=max_payload_bytes
+        )
+        self.engine = engine
+        self.store = AsyncStore(self)
+
+    async def _read(self, plan: ops.Plan[T]) -> T:
+        with translate_missing_schema(self.schema):
+            async with self.engine.connect() as conn:
+                return await arun(conn, plan)
+
+    async def _write(self, plan: ops.Plan[T]) -> T:
+        with translate_missing_schema(self.schema):
+            async with self.engine.begin() as conn:
+                return await arun(conn, plan)
+
+    async def enqueue(self, mail: Mail, *, connection: Any = None) -> Enqueued:
+        """Enqueue one mail; see enqueue_many."""
+        return (await self.enqueue_many([mail], connection=connection))[0]
+
+    async def enqueue_many(
+        self, mails: Sequence[Mail], *, connection: Any = None
+    ) -> list[Enqueued]:
+        """Enqueue mails in one statement, in the caller's transaction when given one.
+
+        See Outbox.enqueue_many: the same validation, order and duplicate rules.
+        """
+        plan = ops.insert_enqueue(self.tables, [self.prepare(mail) for mail in mails])
+        if connection is not None:
+            with translate_missing_schema(self.schema):
+                results = await arun(await async_connection_of(connection), plan)
+        else:
+            results = await self._write(plan)
+        return [Enqueued(delivery_id, created) for delivery_id, created in results]
+
+    async def get_delivery(self, delivery_id: uuid.UUID | str) -> Delivery:
+        return await self._read(ops.require_delivery(self.tables, as_delivery_id(delivery_id)))
+
+    async def list_deliveries(
+        self,
+        offset: int = 0,
+        limit: int = 50,
+        status: Status | str | None = None,
+        *,
+        template_id: str | None = None,
+    ) -> Page[Delivery]:
+        check_page(offset, limit)
+        items, total = await self._read(
+            ops.list_deliveries(
+                self.tables,
+                offset=offset,
+                limit=limit,
+                status=None if status is None else Status(status),
+                template_id=template_id,
+            )
+        )
+        return Page(items, total, offset, limit)
+
+    async def list_recipients(self, delivery_id: uuid.UUID | str) -> list[Recipient]:
+        return await self._read(ops.recipients_of(self.tables, as_delivery_id(delivery_id)))
+
+    async def get_payload(self, delivery_id: uuid.UUID | str) -> Payload:
+        return await self._read(ops.payload_of(self.tables, as_delivery_id(delivery_id)))
+
+    async def list_attempts(self, delivery_id: uuid.UUID | str) -> list[Attempt]:
+        return await self._read(ops.attempts_of(self.tables, as_delivery_id(delivery_id)))
+
+    async def list_dead_letters(self, offset: int = 0, limit: int = 50) -> Page[DeadLetter]:
+        check_page(offset, limit)
+        items, total = await self._read(
+            ops.list_dead_letters(self.tables, offset=offset, limit=limit)
+        )
+        return Page(items, total, offset, limit)
+
+    async def count_by_status(self) -> dict[Status, int]:
+        return await self._read(ops.count_by_status(self.tables))
+
+    async def queue_health(self) -> tuple[float, int]:
+        return await self._read(ops.queue_health(self.tables))
+
+    async def resend(self, delivery_id: uuid.UUID | str) -> Delivery:
+        return await self._write(ops.resend(self.tables, as_delivery_id(delivery_id)))
+
+    async def cancel(self, delivery_id: uuid.UUID | str) -> Delivery:
+        return await self._write(ops.cancel(self.tables, as_delivery_id(delivery_id)))
+
+    async def purge(
+        self, older_than: timedelta = timedelta(days=30), *, batch_size: int = 1000
+    ) -> int:
+        check_purge(older_than, batch_size)
+        total = 0
+        while True:
+            deleted = await self._write(
+                ops.purge_batch(
+                    self.tables, older_than_seconds=older_than.total_seconds(), batch=batch_size
+                )
+            )
+            total += deleted
+            if deleted < batch_size:
+                return total
+
+
+class AsyncWorker:
+    """Delivers inside an event loop, with Worker's lease, fencing, retry and stop rules.
+
+    `transport` is any Transport: one whose `send` is a coroutine function is
+    awaited; a synchronous one (SmtpTransport) runs in a thread, so a slow
+    server never blocks the loop. At most `concurrency` sends are in flight.
+    See Worker for the other arguments.
+    """
+
+    def __init__(
+        self,
+        outbox: AsyncOutbox,
+        transport: Any,
+        *,
+        retry: RetryPolicy | None = None,
+        batch_size: int = 100,
+        concurrency: int = 8,
+        lease: timedelta = timedelta(minutes=5),
+        poll_interval: timedelta = timedelta(seconds=5),
+        listen: bool = True,
+        name: str | None = None,
+        message_id_domain: str | None = None,
+        observer: WorkerObserver | None = None,
+    ) -> None:
+        check_worker_settings(batch_size, concurrency, lease, poll_interval)
+        self.outbox = outbox
+        self.store = outbox.store
+        self.engine = outbox.engine
+        self.transport = transport
+        self.retry = retry or RetryPolicy()
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.listen = listen
+        self.name = name or default_worker_name()
+        self.observer = observer
+        self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
+        self._stopping = asyncio.Event()
+        self._async_send = inspect.iscoroutinefunction(getattr(transport, "send", None))
+
+    async def tick(self) -> TickReport:
+        """Deliver everything due now, batch after batch (see Worker.tick)."""
+        report = TickReport()
+        retried_this_tick: list[uuid.UUID] = []
+        while not self._stopping.is_set():
+            with translate_missing_schema(self.outbox.schema):
+                async with self.engine.begin() as conn:
+                    claimed = await self.store.claim_due(
+                        conn,
+                        limit=self.batch_size,
+                        worker=self.name,
+                        lease_seconds=self.lease.total_seconds(),
+                        exclude=retried_this_tick,
+                    )
+            if not claimed:
+                break
+            batch, retried = await self._deliver(claimed)
+            report += batch
+            retried_this_tick.extend(retried)
+            if len(claimed) < self.batch_size:
+                break
+        return report
+
+    async def _deliver(
+        self, claimed: Sequence[ClaimedDelivery]
+    ) -> tuple[TickReport, list[uuid.UUID]]:
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def handle(c: ClaimedDelivery) -> Completion | None:
+            async with gate:
+                return await self._handle(c)
+
+        outcomes = await asyncio.gather(*(handle(c) for c in claimed))
+        completions = [o for o in outcomes if o is not None]
+        unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
+        async with self.engine.begin() as conn:
+            completed = await self.store.complete(conn, completions)
+            released = 0
+            for token, group in by_claim_token(unsent):
+                released += await self.store.release(conn, [c.delivery_id for c in group], token)
+        return finish_batch(
+            self.name, self.observer, len(claimed), completions, completed, released
+        )
+
+    async def _handle(self, claimed: ClaimedDelivery) -> Completion | None:
+        if self._stopping.is_set():
+            return None
+        started = time.monotonic()
+        try:
+            step = self.rules.before_send(claimed)
+            if isinstance(step, Completion):
+                return step
+            try:
+                result = await self._send(step)
+            except Exception as exc:  # noqa: BLE001 - classified in after_failure
+                return self.rules.after_failure(claimed, started, exc)
+            return self.rules.after_send(claimed, started, result)
+        except Exception as exc:  # one delivery must never stop the others
+            log.exception("unexpected error handling delivery %s", claimed.delivery_id)
+            return self.rules.after_failure(claimed, started, exc, permanent=True)
+
+    async def _send(self, envelope: Envelope) -> SendResult | None:
+        if self._async_send:
+            result: SendResult | None = await self.transport.send(envelope)
+            return result
+        return await asyncio.to_thread(self.transport.send, envelope)
+
+    async def run(self, stop: asyncio.Event | None = None, *, handle_signals: bool = False) -> None:
+        """Deliver until `stop` is set (see Worker.run). Cancelling the task stops it too.
+
+        With handle_signals=True (in the main thread), SIGTERM and SIGINT stop it.
+        """
+        stop = stop or asyncio.Event()
+        self._stopping.clear()
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(s, stop.set)
+        watcher = asyncio.create_task(self._watch(stop))
+        listener: _AsyncListener | None = None
+        backoff = 0.0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if self.listen and listener is None:
+                        listener = await _AsyncListener.open(
+                            self.engine, self.outbox.tables.notify_channel
+                        )
+                    report = await self.tick()
+                    backoff = 0.0
+                    if report.claimed:
+                        continue
+                    await self._wait(listener)
+                except Exception:  # the loop must outlive any failure
+                    backoff = min(30.0, max(0.5, backoff * 2))
+                    log.exception("async worker loop failed; retry in %.1fs", backoff)
+                    if listener is not None:
+                        await listener.close()
+                        listener = None
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), backoff)
+        finally:
+            self._stopping.set()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            if listener is not None:
+                await listener.close()
+            if handle_signals:
+                for s in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(s)
+            await self.aclose()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._stopping.set()
+
+    async def _wait(self, listener: _AsyncListener | None) -> None:
+        timeout = self.poll_interval.total_seconds()
+        stopping = asyncio.create_task(self._stopping.wait())
+        waits: set[asyncio.Task[Any]] = {stopping}
+        if listener is not None:
+            waits.add(asyncio.create_task(listener.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+            for task in waits:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def stop(self) -> None:
+        """Ask a running `run()` to stop after the sends in flight."""
+        self._stopping.set()
+
+    async def aclose(self) -> None:
+        """Release the transport's connections (aclose() if it has one, else close())."""
+        aclose = getattr(self.transport, "aclose", None)
+        if callable(aclose):
+            await aclose()
+        else:
+            await asyncio.to_thread(close_transport, self.transport)
+
+
+class _AsyncListener:
+    """A dedicated autocommit async connection LISTENing on the outbox's channel."""
+
+    def __init__(self, raw: Any, driver: Any) -> None:
+        self._raw = raw
+        self._driver = driver
+
+    @classmethod
+    async def open(cls, engine: AsyncEngine, channel: str) -> _AsyncListener:
+        raw = await engine.raw_connection()
+        driver: Any = raw.driver_connection
+        # Detached: this connection leaves the pool for good and is closed, not returned.
+        raw.detach()
+        await driver.set_autocommit(True)
+        await driver.execute(f'LISTEN "{channel}"')
+        return cls(raw, driver)
+
+    async def wait(self) -> None:
+        """Return when a notification arrives."""
+        async for _ in self._driver.notifies(stop_after=1):
+            return
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._driver.close()
+        with contextlib.suppress(Exception):
+            self._raw.close()
+
+
+__all__ = ["AsyncOutbox", "AsyncStore", "AsyncWorker", "arun", "async_connection_of"]
