@@ -16,6 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -274,6 +275,7 @@ class AsyncWorker:
         self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
         self._stopping = asyncio.Event()
         self._async_send = inspect.iscoroutinefunction(getattr(transport, "send", None))
+        self._pool: ThreadPoolExecutor | None = None
 
     async def tick(self) -> TickReport:
         """Deliver everything due now, batch after batch (see Worker.tick)."""
@@ -340,7 +342,14 @@ class AsyncWorker:
         if self._async_send:
             result: SendResult | None = await self.transport.send(envelope)
             return result
-        return await asyncio.to_thread(self.transport.send, envelope)
+        # A pool of `concurrency` threads, not the loop's default executor: each thread
+        # keeps its transport session (SMTP connection) for the next message.
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.concurrency, thread_name_prefix="mailoutbox-async-send"
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.transport.send, envelope)
 
     async def run(self, stop: asyncio.Event | None = None, *, handle_signals: bool = False) -> None:
         """Deliver until `stop` is set (see Worker.run). Cancelling the task stops it too.
@@ -418,6 +427,9 @@ class AsyncWorker:
             await aclose()
         else:
             await asyncio.to_thread(close_transport, self.transport)
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True)
 
 
 class _AsyncListener:
