@@ -23,20 +23,41 @@ from .mail import Mail
 from .migrations import downgrade, migrate
 from .outbox import Outbox
 from .records import Attempt, DeadLetter, Delivery, Enqueued, Page, Payload, Recipient
+from .retry import RetryPolicy
 from .schema import Kind, Outcome, Status
 from .transports.base import Envelope, SendResult, Transport
+from .transports.file import FileTransport
+from .transports.memory import MemoryTransport
+from .transports.null import NullTransport
+from .transports.smtp import SmtpTransport
+from .worker import TickReport, Worker
+
+
+def __getattr__(name: str) -> object:
+    # The async classes need SQLAlchemy's asyncio extra (greenlet): import them on demand.
+    if name in ("AsyncOutbox", "AsyncWorker"):
+        from . import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module 'mailoutbox' has no attribute {name!r}")
+
 
 __all__ = [
+    "AsyncOutbox",
+    "AsyncWorker",
     "Attempt",
     "DeadLetter",
     "Delivery",
     "DeliveryNotFound",
     "Enqueued",
     "Envelope",
+    "FileTransport",
     "InvalidMail",
     "InvalidTransition",
     "Kind",
     "Mail",
+    "MemoryTransport",
+    "NullTransport",
     "MailOutboxError",
     "Outbox",
     "Outcome",
@@ -45,13 +66,17 @@ __all__ = [
     "PermanentSendError",
     "Recipient",
     "ResendOnSent",
+    "RetryPolicy",
     "SchemaNotMigrated",
     "SendError",
     "SendResult",
+    "SmtpTransport",
     "Status",
+    "TickReport",
     "Transport",
     "TransientSendError",
     "UnknownSendOutcome",
+    "Worker",
     "downgrade",
     "migrate",
 ]

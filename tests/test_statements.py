@@ -88,3 +88,18 @@ def test_claim_query_uses_its_partial_index_on_a_large_history(engine: sa.Engine
         cursor.close()
     assert "mail_deliveries_due_idx" in plan, plan
     assert "Seq Scan on mail_deliveries" not in plan, plan
+
+
+def test_public_contract_names_import_from_the_package() -> None:
+    """Every name DESIGN.md's public contract lists is importable from mailoutbox."""
+    import mailoutbox
+
+    names = (
+        "Outbox Mail Enqueued Delivery Attempt DeadLetter Page Status Worker TickReport "
+        "RetryPolicy Transport Envelope SendResult SmtpTransport MemoryTransport "
+        "MailOutboxError InvalidMail DeliveryNotFound ResendOnSent TransientSendError "
+        "PermanentSendError AsyncOutbox AsyncWorker migrate"
+    ).split()
+    missing = [n for n in names if not hasattr(mailoutbox, n)]
+    assert missing == []
+    assert set(names) <= set(mailoutbox.__all__) | {"migrate"}
