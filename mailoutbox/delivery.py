@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from .errors import PermanentSendError, SendError, TransientSendError, UnknownSendOutcome
+from .logs import redact_addresses
 from .records import AttemptRecord, ClaimedDelivery, Completion
 from .render import render
 from .retry import RetryPolicy
@@ -188,7 +189,8 @@ class DeliveryRules:
             claimed.delivery_id,
             claimed.attempts,
             outcome.value,
-            text,
+            # Servers quote recipients in their replies; INFO never shows an address.
+            redact_addresses(text),
             extra={
                 "delivery_id": str(claimed.delivery_id),
                 "attempt": claimed.attempts,

@@ -247,3 +247,17 @@ def test_refused_connection_is_transient(outbox: Outbox) -> None:
     assert run_tick(worker).retried == 1
     [attempt] = outbox.list_attempts(enq.delivery_id)
     assert attempt.outcome is Outcome.TRANSIENT_FAILURE and attempt.smtp_code is None
+
+
+def test_info_logs_never_show_a_recipient_address(
+    outbox: Outbox, sink: SmtpSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server reply quoting the recipient is logged at INFO with the address masked."""
+    caplog.set_level(logging.INFO, logger="mailoutbox")
+    outbox.enqueue(make_mail(to=["private.person@example.com"]))
+    sink.rcpt_replies = {
+        "private.person@example.com": "450 4.2.1 <private.person@example.com> mailbox busy"
+    }
+    assert run_tick(smtp_worker(outbox, sink)).retried == 1
+    assert "private.person" not in caplog.text
+    assert "@example.com" in caplog.text
