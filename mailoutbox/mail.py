@@ -52,6 +52,8 @@ OWNED_HEADERS = frozenset(
 _HEADER_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u0085]")
 # Bodies may hold line breaks and tabs, but no NUL (PostgreSQL text cannot store it).
 _BODY_FORBIDDEN = re.compile("\x00")
+# Characters that force a display name into quotes (RFC 5322 specials and runs of spaces).
+_NAME_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]|\s\s|^\s|\s$')
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable ASCII but ':'
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _DOMAIN_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -88,6 +90,19 @@ def validate_addr_spec(address: str, field_name: str = "address") -> str:
     return address
 
 
+def stored_address(name: str, addr: str) -> str:
+    """`name <addr>` as stored: like formataddr, but a non-ASCII name stays readable.
+
+    formataddr would RFC 2047-encode it, which is what an operator then reads in
+    the CLI; encoding belongs to render time.
+    """
+    if name.isascii():
+        return formataddr((name, addr))
+    if _NAME_SPECIALS.search(name):
+        name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{name} <{addr}>"
+
+
 def normalize_address(value: str, field_name: str) -> str:
     """Validate `"addr@example.com"` or `"Name <addr@example.com>"` and return it normalised."""
     _check_header_text(value, field_name)
@@ -99,14 +114,16 @@ def normalize_address(value: str, field_name: str) -> str:
     written = text[text.rfind("<") + 1 : -1].strip() if text.endswith(">") else text
     if not addr or written != addr or len(getaddresses([value])) != 1:
         raise InvalidMail(f"{field_name}: malformed address {value!r}", field=field_name)
-    # A name given as RFC 2047 encoded-words (formataddr's output) could hide a line break.
-    if _HEADER_FORBIDDEN.search(_decode_words(name)):
+    # A name given as RFC 2047 encoded-words (formataddr's output) could hide a line break;
+    # it is checked, and stored, decoded.
+    name = _decode_words(name)
+    if _HEADER_FORBIDDEN.search(name):
         raise InvalidMail(
             f"{field_name} display name contains a control character or line break",
             field=field_name,
         )
     validate_addr_spec(addr, field_name)
-    return formataddr((name, addr)) if name else addr
+    return stored_address(name, addr) if name else addr
 
 
 def addr_spec(address: str) -> str:
@@ -223,7 +240,7 @@ class Mail:
             if any(_HEADER_FORBIDDEN.search(v) for v, _ in values):
                 raise InvalidMail(f"{name} contains a control character", field=name.lower())
             return [
-                formataddr((_decode_words(display) if encoded else display, addr))
+                stored_address(_decode_words(display) if encoded else display, addr)
                 for value, encoded in values
                 for display, addr in getaddresses([value])
                 if addr

@@ -332,3 +332,10 @@ def test_from_message_stores_the_mime_body(outbox: Outbox) -> None:
     assert b"audit@example.com" not in payload.body
     kinds = {(r.address, r.kind) for r in outbox.list_recipients(result.delivery_id)}
     assert kinds == {("alice@example.com", Kind.TO), ("audit@example.com", Kind.BCC)}
+
+
+def test_non_ascii_display_names_are_stored_readable(outbox: Outbox) -> None:
+    """An operator reads 'Zoë Müller', not RFC 2047 words; encoding happens at send time."""
+    result = outbox.enqueue(make_mail(to=["Zoë Müller <zoe@example.com>"]))
+    [recipient] = outbox.list_recipients(result.delivery_id)
+    assert recipient.address == "Zoë Müller <zoe@example.com>"

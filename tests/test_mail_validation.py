@@ -489,8 +489,9 @@ def test_from_message_decodes_compat32_headers() -> None:
     assert prepared.payload.subject == "Grüße from a subject that was folded"
     assert [r.address for r in prepared.recipients] == [
         '"Doe, J" <a@example.com>',
-        "=?utf-8?b?R3LDvMOfZQ==?= <b@example.com>",
+        "Grüße <b@example.com>",
     ]
+    assert prepared.payload.sender == "Jörg <joerg@example.com>"
 
 
 def test_from_message_with_text_is_rejected(message: EmailMessage) -> None:
