@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import operations as ops
-from .delivery import DeliveryRules, TickReport, WorkerObserver, by_claim_token, finish_batch
+from .delivery import TickReport, WorkerSettings, by_claim_token, finish_batch
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail
 from .outbox import (
     OutboxSettings,
@@ -43,10 +43,8 @@ from .records import (
     Payload,
     Recipient,
 )
-from .retry import RetryPolicy
 from .schema import DEFAULT_SCHEMA, Status
 from .transports.base import Envelope, SendResult, close_transport
-from .worker import check_worker_settings, default_worker_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -235,7 +233,7 @@ class AsyncOutbox(OutboxSettings):
                 return total
 
 
-class AsyncWorker:
+class AsyncWorker(WorkerSettings):
     """Delivers inside an event loop, with Worker's lease, fencing, retry and stop rules.
 
     `transport` is any Transport: one whose `send` is a coroutine function is
@@ -244,35 +242,11 @@ class AsyncWorker:
     See Worker for the other arguments.
     """
 
-    def __init__(
-        self,
-        outbox: AsyncOutbox,
-        transport: Any,
-        *,
-        retry: RetryPolicy | None = None,
-        batch_size: int = 100,
-        concurrency: int = 8,
-        lease: timedelta = timedelta(minutes=5),
-        poll_interval: timedelta = timedelta(seconds=5),
-        listen: bool = True,
-        name: str | None = None,
-        message_id_domain: str | None = None,
-        observer: WorkerObserver | None = None,
-    ) -> None:
-        check_worker_settings(batch_size, concurrency, lease, poll_interval)
+    def __init__(self, outbox: AsyncOutbox, transport: Any, **settings: Any) -> None:
+        super().__init__(transport, **settings)
         self.outbox = outbox
         self.store = outbox.store
         self.engine = outbox.engine
-        self.transport = transport
-        self.retry = retry or RetryPolicy()
-        self.batch_size = batch_size
-        self.concurrency = concurrency
-        self.lease = lease
-        self.poll_interval = poll_interval
-        self.listen = listen
-        self.name = name or default_worker_name()
-        self.observer = observer
-        self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
         self._stopping = asyncio.Event()
         self._async_send = inspect.iscoroutinefunction(getattr(transport, "send", None))
         self._pool: ThreadPoolExecutor | None = None

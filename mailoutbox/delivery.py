@@ -9,12 +9,14 @@ render), the transport's send (the only I/O, theirs), and `after_send` or
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import PermanentSendError, SendError, TransientSendError, UnknownSendOutcome
 from .logs import redact_addresses
@@ -285,3 +287,52 @@ def by_claim_token(
     for c in claimed:
         groups.setdefault(c.claim_token, []).append(c)
     yield from groups.items()
+
+
+def check_worker_settings(
+    batch_size: int, concurrency: int, lease: timedelta, poll_interval: timedelta
+) -> None:
+    """Refuse settings no worker can run with (ValueError)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if lease <= timedelta(0):
+        raise ValueError("lease must be positive")
+    if poll_interval <= timedelta(0):
+        raise ValueError("poll_interval must be positive")
+
+
+def default_worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class WorkerSettings:
+    """What Worker and AsyncWorker share: the knobs, validated, and the delivery rules."""
+
+    def __init__(
+        self,
+        transport: Any,
+        *,
+        retry: RetryPolicy | None = None,
+        batch_size: int = 100,
+        concurrency: int = 8,
+        lease: timedelta = timedelta(minutes=5),
+        poll_interval: timedelta = timedelta(seconds=5),
+        listen: bool = True,
+        name: str | None = None,
+        message_id_domain: str | None = None,
+        observer: WorkerObserver | None = None,
+    ) -> None:
+        check_worker_settings(batch_size, concurrency, lease, poll_interval)
+        self.transport = transport
+        self.retry = retry or RetryPolicy()
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.listen = listen
+        self.name = name or default_worker_name()
+        self.message_id_domain = message_id_domain
+        self.observer = observer
+        self.rules = DeliveryRules(self.retry, self.name, message_id_domain)

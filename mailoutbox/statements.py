@@ -103,6 +103,22 @@ DELIVERY_COLUMNS = (
 )
 
 
+ATTEMPT_COLUMNS = (
+    "attempt_id",
+    "delivery_id",
+    "attempt_no",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "error",
+    "error_class",
+    "smtp_code",
+    "smtp_enhanced_code",
+    "refused",
+    "worker",
+)
+
+
 def delivery_columns(t: Tables) -> list[sa.Column[Any]]:
     return [t.deliveries.c[name] for name in DELIVERY_COLUMNS]
 
@@ -413,20 +429,7 @@ def complete_claimed(t: Tables) -> sa.Select[Any]:
     attempts = (
         pg.insert(t.attempts)
         .from_select(
-            [
-                "attempt_id",
-                "delivery_id",
-                "attempt_no",
-                "started_at",
-                "finished_at",
-                "outcome",
-                "error",
-                "error_class",
-                "smtp_code",
-                "smtp_enhanced_code",
-                "refused",
-                "worker",
-            ],
+            list(ATTEMPT_COLUMNS),
             sa.select(
                 sa.func.gen_random_uuid(),
                 done.c.delivery_id,
@@ -550,22 +553,6 @@ def select_payload(t: Tables) -> sa.Select[Any]:
         .join(d, d.c.payload_id == p.c.payload_id)
         .where(d.c.delivery_id == sa.bindparam("delivery_id", type_=UUID))
     )
-
-
-ATTEMPT_COLUMNS = (
-    "attempt_id",
-    "delivery_id",
-    "attempt_no",
-    "started_at",
-    "finished_at",
-    "outcome",
-    "error",
-    "error_class",
-    "smtp_code",
-    "smtp_enhanced_code",
-    "refused",
-    "worker",
-)
 
 
 @functools.lru_cache(maxsize=32)

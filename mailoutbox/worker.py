@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from types import FrameType
 from typing import Any
 
@@ -37,40 +34,23 @@ import sqlalchemy as sa
 from .delivery import (
     EXPIRED_REASON,
     MAX_ERROR_TEXT,
-    DeliveryRules,
     TickReport,
     WorkerObserver,
+    WorkerSettings,
     bounded,
     by_claim_token,
+    check_worker_settings,
+    default_worker_name,
     finish_batch,
 )
 from .outbox import Outbox, translate_missing_schema
 from .records import ClaimedDelivery, Completion
-from .retry import RetryPolicy
 from .transports.base import Transport, close_transport
 
 log = logging.getLogger(__name__)
 
 
-def check_worker_settings(
-    batch_size: int, concurrency: int, lease: timedelta, poll_interval: timedelta
-) -> None:
-    """Refuse settings no worker can run with (ValueError)."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be at least 1")
-    if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
-    if lease <= timedelta(0):
-        raise ValueError("lease must be positive")
-    if poll_interval <= timedelta(0):
-        raise ValueError("poll_interval must be positive")
-
-
-def default_worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-class Worker:
+class Worker(WorkerSettings):
     """Delivers what an Outbox has enqueued, through a Transport.
 
     Arguments:
@@ -92,36 +72,11 @@ class Worker:
         observer: told about each completed batch (e.g. PrometheusObserver).
     """
 
-    def __init__(
-        self,
-        outbox: Outbox,
-        transport: Transport,
-        *,
-        retry: RetryPolicy | None = None,
-        batch_size: int = 100,
-        concurrency: int = 8,
-        lease: timedelta = timedelta(minutes=5),
-        poll_interval: timedelta = timedelta(seconds=5),
-        listen: bool = True,
-        name: str | None = None,
-        message_id_domain: str | None = None,
-        observer: WorkerObserver | None = None,
-    ) -> None:
-        check_worker_settings(batch_size, concurrency, lease, poll_interval)
+    def __init__(self, outbox: Outbox, transport: Transport, **settings: Any) -> None:
+        super().__init__(transport, **settings)
         self.outbox = outbox
         self.store = outbox.store
         self.engine = outbox.engine
-        self.transport = transport
-        self.retry = retry or RetryPolicy()
-        self.batch_size = batch_size
-        self.concurrency = concurrency
-        self.lease = lease
-        self.poll_interval = poll_interval
-        self.listen = listen
-        self.name = name or default_worker_name()
-        self.message_id_domain = message_id_domain
-        self.observer = observer
-        self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
         self._stopping = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -327,4 +282,6 @@ __all__ = [
     "Worker",
     "WorkerObserver",
     "bounded",
+    "check_worker_settings",
+    "default_worker_name",
 ]
