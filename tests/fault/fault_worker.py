@@ -1,0 +1,185 @@
+"""A worker process for the fault suite: ``python -m tests.fault.fault_worker URL --name N ...``.
+
+It runs `Worker.run()` until SIGTERM, sending through a real `SmtpTransport`
+(``--smtp HOST:PORT``) or into a null transport. Hooks kill the process with
+SIGKILL at a chosen boundary of the claim -> send -> complete cycle:
+
+- ``claimed``: at the start of send number ``--hook-at`` (make it the first send
+  of a batch): the claim has committed and nothing of the batch went out;
+- ``sending``: send number ``--hook-at`` is in progress (the test makes the
+  SMTP server slow); the process dies 0.3 s into it;
+- ``replied``: right after send number ``--hook-at`` got its 250 reply, before
+  the batch's completion is recorded;
+- ``completing``: completion number ``--hook-at`` has run its statement, its
+  COMMIT has not been sent;
+- ``committing``: the COMMIT of completion number ``--hook-at`` is on the wire,
+  its reply not read.
+
+``--fail-permanent`` makes that fraction of sends fail with a 5xx before they
+reach the server (resend races). With ``--stats PATH`` it writes a JSON line
+with its peak RSS (VmHWM) when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from mailoutbox import Outbox, PermanentSendError
+from mailoutbox.records import Completion
+from mailoutbox.retry import RetryPolicy
+from mailoutbox.transports.base import Envelope, SendResult
+from mailoutbox.transports.null import NullTransport
+from mailoutbox.transports.smtp import SmtpTransport
+from mailoutbox.worker import Worker
+
+APPLICATION_NAME = "mailoutbox-fault-worker"
+HOOKS = ("claimed", "sending", "replied", "completing", "committing")
+
+
+def peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that across exec,
+    so it would report the forking test process's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return -1
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)  # never reached; SIGKILL cannot be caught
+
+
+class HookedTransport:
+    """Wraps the real transport: a delay, injected 5xx failures and the send-side hooks."""
+
+    def __init__(
+        self, inner: Any, *, delay: float, hook: str | None, hook_at: int, fail_rate: float
+    ) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.hook = hook
+        self.hook_at = hook_at
+        self.fail_rate = fail_rate
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def send(self, envelope: Envelope) -> SendResult | None:
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if n == self.hook_at and self.hook == "claimed":
+            die()
+        if n == self.hook_at and self.hook == "sending":
+            threading.Timer(0.3, die).start()
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_rate and random.random() < self.fail_rate:
+            raise PermanentSendError(554, "5.7.1 injected permanent failure")
+        result = self.inner.send(envelope)
+        if n == self.hook_at and self.hook == "replied":
+            die()
+        return result  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def hook_completion(outbox: Outbox, hook: str, hook_at: int) -> None:
+    """Wrap the store's complete() (on this instance) to die around the completion commit."""
+    store = outbox.store
+    real = store.complete
+    calls = 0
+
+    def complete(conn: sa.Connection, completions: Sequence[Completion]) -> Any:
+        nonlocal calls
+        done = real(conn, completions)
+        calls += 1
+        if calls == hook_at:
+            if hook == "committing":
+                # Put COMMIT on the wire ourselves, make sure it left, and die before the
+                # reply: the server commits, the worker never learns it.
+                pgconn = conn.connection.driver_connection.pgconn  # type: ignore[union-attr]
+                pgconn.send_query(b"COMMIT")
+                while pgconn.flush():
+                    time.sleep(0.001)
+            die()
+        return done
+
+    store.complete = complete  # type: ignore[method-assign]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--smtp", help="HOST:PORT of an SMTP server (else a null transport)")
+    parser.add_argument("--smtp-timeout", type=float, default=5.0)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--lease", type=float, default=2.0)
+    parser.add_argument("--poll", type=float, default=0.2)
+    parser.add_argument("--max-attempts", type=int, default=8)
+    parser.add_argument("--base-delay", type=float, default=0.0)
+    parser.add_argument("--max-delay", type=float, default=0.0)
+    parser.add_argument("--hook", choices=HOOKS)
+    parser.add_argument("--hook-at", type=int, default=1)
+    parser.add_argument("--fail-permanent", type=float, default=0.0)
+    parser.add_argument("--stats")
+    args = parser.parse_args()
+
+    url = sa.make_url(args.url).update_query_dict({"application_name": APPLICATION_NAME})
+    engine = sa.create_engine(url, pool_size=2, max_overflow=2)
+    outbox = Outbox(engine)
+    if args.hook in ("completing", "committing"):
+        hook_completion(outbox, args.hook, args.hook_at)
+    if args.smtp:
+        host, _, port = args.smtp.rpartition(":")
+        inner: Any = SmtpTransport(
+            host, int(port), security="none", timeout=args.smtp_timeout, local_hostname="worker"
+        )
+    else:
+        inner = NullTransport()
+    transport = HookedTransport(
+        inner,
+        delay=args.delay,
+        hook=args.hook,
+        hook_at=args.hook_at,
+        fail_rate=args.fail_permanent,
+    )
+    worker = Worker(
+        outbox,
+        transport,
+        retry=RetryPolicy(
+            max_attempts=args.max_attempts,
+            base_delay=timedelta(seconds=args.base_delay),
+            max_delay=timedelta(seconds=args.max_delay),
+        ),
+        batch_size=args.batch,
+        concurrency=args.concurrency,
+        lease=timedelta(seconds=args.lease),
+        poll_interval=timedelta(seconds=args.poll),
+        name=args.name,
+    )
+    worker.run()
+    engine.dispose()
+    if args.stats:
+        with open(args.stats, "a") as f:
+            f.write(json.dumps({"name": args.name, "vm_hwm_kib": peak_rss_kib()}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
