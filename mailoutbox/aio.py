@@ -23,7 +23,13 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import operations as ops
-from .delivery import TickReport, WorkerSettings, by_claim_token, finish_batch
+from .delivery import (
+    TickReport,
+    WorkerSettings,
+    backoff_after_loop_failure,
+    by_claim_token,
+    finish_batch,
+)
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail
 from .outbox import (
     OutboxSettings,
@@ -351,9 +357,8 @@ class AsyncWorker(WorkerSettings):
                     if report.claimed:
                         continue
                     await self._wait(listener)
-                except Exception:  # the loop must outlive any failure
-                    backoff = min(30.0, max(0.5, backoff * 2))
-                    log.exception("async worker loop failed; retry in %.1fs", backoff)
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure (logged)
+                    backoff = backoff_after_loop_failure(exc, backoff)
                     if listener is not None:
                         await listener.close()
                         listener = None

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
+import sqlalchemy as sa
+
 from .errors import PermanentSendError, SendError, TransientSendError, UnknownSendOutcome
 from .logs import redact_addresses
 from .records import AttemptRecord, ClaimedDelivery, Completion
@@ -336,3 +338,24 @@ class WorkerSettings:
         self.message_id_domain = message_id_domain
         self.observer = observer
         self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
+
+
+def backoff_after_loop_failure(exc: Exception, backoff: float) -> float:
+    """Log a failure of a worker's loop and return how long to wait before trying again.
+
+    Doubles from 0.5 s up to 30 s. A database error is logged by its driver
+    message only: its str() carries the statement and its parameters, which
+    would put kilobytes of SQL, and recipient addresses, in every log line.
+    """
+    backoff = min(30.0, max(0.5, backoff * 2))
+    if isinstance(exc, sa.exc.DBAPIError):
+        orig = exc.orig
+        log.warning(
+            "database unavailable (%s: %s); retry in %.1fs",
+            type(orig).__name__,
+            redact_addresses(str(orig).strip()),
+            backoff,
+        )
+    else:
+        log.exception("worker loop failed; retry in %.1fs", backoff)
+    return backoff

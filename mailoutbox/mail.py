@@ -12,7 +12,7 @@ import email.policy
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.headerregistry import BaseHeader
@@ -49,9 +49,10 @@ OWNED_HEADERS = frozenset(
 
 # C0 and C1 controls, DEL, and the Unicode line/paragraph separators: any of them in a header
 # could split it (header injection) or be rewritten by a relay.
-_HEADER_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u0085]")
+_HEADER_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u0085\ud800-\udfff]")
 # Bodies may hold line breaks and tabs, but no NUL (PostgreSQL text cannot store it).
-_BODY_FORBIDDEN = re.compile("\x00")
+# Lone surrogates cannot be encoded as UTF-8 at all.
+_BODY_FORBIDDEN = re.compile("[\x00\ud800-\udfff]")
 # Characters that force a display name into quotes (RFC 5322 specials and runs of spaces).
 _NAME_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]|\s\s|^\s|\s$')
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable ASCII but ':'
@@ -161,7 +162,12 @@ def _check_when(value: object, field_name: str) -> datetime | None:
         raise InvalidMail(f"{field_name} must be a datetime", field=field_name)
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidMail(f"{field_name} must be timezone-aware", field=field_name)
-    return value
+    # In UTC, because PostgreSQL cannot take every offset Python can (16 h and more,
+    # fractions of a second), and a DataError would abort the caller's transaction.
+    try:
+        return value.astimezone(timezone.utc)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidMail(f"{field_name} is out of range: {exc}", field=field_name) from exc
 
 
 # RFC 5322 folding as a compat32 message hands it out: a line break before whitespace.
@@ -362,7 +368,7 @@ def prepare(
             if not isinstance(value, str):
                 raise InvalidMail(f"{name} must be a string", field=name)
             if _BODY_FORBIDDEN.search(value):
-                raise InvalidMail(f"{name} contains a NUL character", field=name)
+                raise InvalidMail(f"{name} contains a NUL or a lone surrogate", field=name)
 
     html_body: str | None = None
     if mail.message is not None:

@@ -75,9 +75,10 @@ def enqueue_params(mails: Sequence[PreparedMail]) -> EnqueueBatch:
     delivery_ids = [uuid.uuid4() for _ in mails]
     params: dict[str, list[Any]] = {name: [] for name, _ in st.ENQUEUE_MAIL_ARRAYS}
     params.update({name: [] for name, _ in st.ENQUEUE_RECIPIENT_ARRAYS})
-    for delivery_id, mail in zip(delivery_ids, mails, strict=False):
+    for ordinal, (delivery_id, mail) in enumerate(zip(delivery_ids, mails, strict=True)):
         p = mail.payload
         for name, value in (
+            ("ordinal", ordinal),
             ("delivery_id", delivery_id),
             ("template_id", mail.template_id),
             ("idempotency_key", mail.idempotency_key),
@@ -348,17 +349,24 @@ def queue_health(t: Tables) -> Plan[tuple[float, int]]:
 def resend(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:
     """Re-arm a delivery, or raise why not (DeliveryNotFound, ResendOnSent, InvalidTransition).
 
-    The guarded UPDATE decides; only when it matched nothing is the row read
-    to name the reason.
+    The guarded UPDATE decides. When it matches nothing the row is read under a
+    lock, so the reason given is the state that refused it: a completion that
+    committed in between (say, to dead_lettered) gets the UPDATE run again.
     """
-    rows = yield Query(st.resend_unless_sent_or_sending(t), {"target_id": delivery_id})
-    if rows:
-        yield Query(st.notify_due(t), fetch="none")
-        return delivery_from_row(rows[0])
-    current = yield from require_delivery(t, delivery_id)
-    if current.status is Status.SENT:
-        raise ResendOnSent(delivery_id)
-    raise InvalidTransition(delivery_id, current.status.value, "resend")
+    update = Query(st.resend_unless_sent_or_sending(t), {"target_id": delivery_id})
+    rows = yield update
+    if not rows:
+        locked = yield Query(st.lock_delivery(t), {"delivery_id": delivery_id})
+        if not locked:
+            raise DeliveryNotFound(delivery_id)
+        current = delivery_from_row(locked[0])
+        if current.status is Status.SENT:
+            raise ResendOnSent(delivery_id)
+        if current.status is Status.SENDING:
+            raise InvalidTransition(delivery_id, current.status.value, "resend")
+        rows = yield update
+    yield Query(st.notify_due(t), fetch="none")
+    return delivery_from_row(rows[0])
 
 
 def cancel(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:

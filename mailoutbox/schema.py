@@ -72,7 +72,9 @@ class Outcome(str, enum.Enum):
         return self.value
 
 
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# 52 characters at most: the NOTIFY channel "mailoutbox_<schema>" must fit PostgreSQL's
+# 63-byte identifier limit.
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,51}")
 
 
 def validate_schema_name(schema: str) -> str:
@@ -113,10 +115,13 @@ def _now() -> sa.sql.elements.TextClause:
     return sa.text("now()")
 
 
-@functools.lru_cache(maxsize=32)
 def tables_for(schema: str = DEFAULT_SCHEMA) -> Tables:
-    """Build (once per schema) the Table objects for `schema`."""
-    validate_schema_name(schema)
+    """The Table objects for `schema` (built once per schema); InvalidMail for a bad name."""
+    return _tables_for(validate_schema_name(schema))
+
+
+@functools.lru_cache(maxsize=32)
+def _tables_for(schema: str) -> Tables:
     md = sa.MetaData(schema=schema)
     tz = sa.DateTime(timezone=True)
 

@@ -138,6 +138,7 @@ ENQUEUE_MAIL_ARRAYS = (
     ("html_body", sa.Text),
     ("sender", sa.Text),
     ("headers", sa.Text),
+    ("ordinal", sa.Integer),
 )
 ENQUEUE_RECIPIENT_ARRAYS = (
     ("r_delivery_id", UUID),
@@ -183,7 +184,11 @@ def insert_enqueue(t: Tables) -> sa.Select[Any]:
                 mails.c.payload_id,
                 mails.c.expires_at,
                 sa.func.coalesce(mails.c.send_at, _NOW),
-            ),
+            )
+            # A canonical order: two batches sharing keys lock their unique-index entries
+            # in the same order and cannot deadlock. Among repeats of one key in a batch,
+            # the first in input order wins.
+            .order_by(mails.c.template_id, mails.c.idempotency_key, mails.c.ordinal),
         )
         .on_conflict_do_nothing(index_elements=["template_id", "idempotency_key"])
         .returning(d.c.delivery_id, d.c.payload_id)
@@ -531,6 +536,17 @@ def _delivery_filters(
     if template_id is not None:
         filters.append(d.c.template_id == sa.bindparam("template_id", type_=sa.Text))
     return filters
+
+
+@functools.lru_cache(maxsize=32)
+def lock_delivery(t: Tables) -> sa.Select[Any]:
+    """One delivery by :delivery_id, row-locked until the transaction ends."""
+    d = t.deliveries
+    return (
+        sa.select(*delivery_columns(t))
+        .where(d.c.delivery_id == sa.bindparam("delivery_id", type_=UUID))
+        .with_for_update()
+    )
 
 
 @functools.lru_cache(maxsize=32)

@@ -37,6 +37,7 @@ from .delivery import (
     TickReport,
     WorkerObserver,
     WorkerSettings,
+    backoff_after_loop_failure,
     bounded,
     by_claim_token,
     check_worker_settings,
@@ -187,12 +188,8 @@ class Worker(WorkerSettings):
                         if report.claimed:
                             continue  # more may be due right away
                         self._wait(listener)
-                    except Exception as exc:  # the loop must outlive any failure
-                        backoff = min(30.0, max(0.5, backoff * 2))
-                        if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
-                            log.warning("database unavailable (%s); retry in %.1fs", exc, backoff)
-                        else:
-                            log.exception("worker loop failed; retry in %.1fs", backoff)
+                    except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure (logged)
+                        backoff = backoff_after_loop_failure(exc, backoff)
                         if listener is not None:
                             listener.close()
                             listener = None

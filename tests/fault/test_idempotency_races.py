@@ -121,13 +121,6 @@ def test_concurrent_enqueues_leave_one_delivery_per_committed_key(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two enqueue_many calls with overlapping keys in different orders deadlock "
-    "(each waits on the other's uncommitted unique-index entry) and PostgreSQL aborts one "
-    "caller's transaction: insert_enqueue does not insert in a canonical key order; "
-    "see RELIABILITY.md, finding F3",
-)
 def test_overlapping_batches_in_opposite_orders_never_deadlock(
     engine: sa.Engine, outbox: Outbox
 ) -> None:

@@ -306,12 +306,6 @@ def test_messages_from_email_message_reject_or_round_trip(
         conn.rollback()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="send_at/expires_at with a UTC offset PostgreSQL cannot store (>= 16 h, or "
-    "with seconds' fractions) pass validation and fail in the database with DataError, "
-    "aborting the caller's transaction; see RELIABILITY.md, finding F4",
-)
 @pytest.mark.parametrize("field", ["send_at", "expires_at"])
 def test_dates_reject_or_round_trip(field: str, outbox: Outbox, conn: sa.Connection) -> None:
     @PROPERTY
@@ -334,12 +328,6 @@ def test_dates_reject_or_round_trip(field: str, outbox: Outbox, conn: sa.Connect
     prop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lone surrogate passes validation and fails later with a bare "
-    "UnicodeEncodeError (from str.encode or the driver) instead of InvalidMail naming "
-    "the field; see RELIABILITY.md, finding F5",
-)
 def test_lone_surrogates_are_invalid_mail(outbox: Outbox, conn: sa.Connection) -> None:
     cases = {
         "template_id": {"template_id": "a\ud800"},
@@ -424,11 +412,5 @@ def longest_accepted_schema_name() -> str:
     raise AssertionError("no schema name accepted")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schema names of 53 to 63 characters pass validation, but the NOTIFY channel "
-    "'mailoutbox_' + schema is then longer than PostgreSQL's 63-byte limit and every "
-    "enqueue fails ('channel name too long'); see RELIABILITY.md, finding F6",
-)
 def test_the_longest_accepted_schema_name_works(db_url: sa.URL) -> None:
     end_to_end(db_url, longest_accepted_schema_name())

@@ -140,13 +140,6 @@ def test_one_resend_never_yields_two_sends(
         assert got[message_id(delivery_id)] == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Outbox.resend reads the row to explain a refusal in a later statement than "
-    "its guarded UPDATE: a completion that commits in between makes it refuse a "
-    "dead-lettered delivery with InvalidTransition('dead_lettered'), a state resend "
-    "applies to; see RELIABILITY.md, finding F9",
-)
 def test_a_refused_resend_names_a_state_that_refuses_it(engine: sa.Engine, outbox: Outbox) -> None:
     """The race the scenario above hit once in a few thousand resends, made certain.
 
