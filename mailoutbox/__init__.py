@@ -16,6 +16,7 @@ from .errors import (
     ResendOnSent,
     SchemaNotMigrated,
     SendError,
+    ServerUnavailable,
     TransientSendError,
     UnknownSendOutcome,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "SchemaNotMigrated",
     "SendError",
     "SendResult",
+    "ServerUnavailable",
     "SmtpTransport",
     "Status",
     "TickReport",

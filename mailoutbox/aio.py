@@ -261,7 +261,7 @@ class AsyncWorker(WorkerSettings):
         """Deliver everything due now, batch after batch (see Worker.tick)."""
         report = TickReport()
         retried_this_tick: list[uuid.UUID] = []
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not self.pause.remaining():
             with translate_missing_schema(self.outbox.schema):
                 async with self.engine.begin() as conn:
                     claimed = await self.store.claim_due(
@@ -302,7 +302,7 @@ class AsyncWorker(WorkerSettings):
         )
 
     async def _handle(self, claimed: ClaimedDelivery) -> Completion | None:
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self.pause.remaining():
             return None
         started = time.monotonic()
         try:
@@ -311,9 +311,9 @@ class AsyncWorker(WorkerSettings):
                 return step
             try:
                 result = await self._send(step)
-            except Exception as exc:  # noqa: BLE001 - classified in after_failure
-                return self.rules.after_failure(claimed, started, exc)
-            return self.rules.after_send(claimed, started, result)
+            except Exception as exc:  # noqa: BLE001 - classified in outcome_of_send
+                return self.outcome_of_send(claimed, started, exc=exc)
+            return self.outcome_of_send(claimed, started, result)
         except Exception as exc:  # one delivery must never stop the others
             log.exception("unexpected error handling delivery %s", claimed.delivery_id)
             return self.rules.after_failure(claimed, started, exc, permanent=True)
@@ -355,6 +355,10 @@ class AsyncWorker(WorkerSettings):
                     report = await self.tick()
                     backoff = 0.0
                     if report.claimed:
+                        continue
+                    if paused := self.pause.remaining():
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._stopping.wait(), paused)
                         continue
                     await self._wait(listener)
                 except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure (logged)

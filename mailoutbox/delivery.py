@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence, Set
@@ -20,7 +22,13 @@ from typing import Any, Protocol
 
 import sqlalchemy as sa
 
-from .errors import PermanentSendError, SendError, TransientSendError, UnknownSendOutcome
+from .errors import (
+    PermanentSendError,
+    SendError,
+    ServerUnavailable,
+    TransientSendError,
+    UnknownSendOutcome,
+)
 from .logs import redact_addresses
 from .records import AttemptRecord, ClaimedDelivery, Completion
 from .render import render
@@ -214,6 +222,34 @@ class DeliveryRules:
             claimed, Status.DEAD_LETTERED, attempt, reason=bounded(f"{decision.reason}: {text}")
         )
 
+    def after_unavailable(
+        self, claimed: ClaimedDelivery, started: float, exc: ServerUnavailable, pause: float
+    ) -> Completion:
+        """The server gave no session: try again after the pause, charging no attempt.
+
+        The attempt row still records what happened; only max_age still applies,
+        so an outage longer than the retry budget dead-letters nothing.
+        """
+        elapsed = time.monotonic() - started
+        text = bounded(str(exc) or type(exc).__name__)
+        attempt = AttemptRecord(
+            Outcome.TRANSIENT_FAILURE,
+            duration_seconds=elapsed,
+            error=text,
+            error_class=type(exc).__name__,
+            smtp_code=exc.code,
+            smtp_enhanced_code=exc.enhanced_code,
+        )
+        now = claimed.claimed_at + timedelta(seconds=elapsed)
+        max_age = self.retry.max_age
+        if max_age is not None and now >= claimed.cycle_started_at + max_age:
+            return self.complete(
+                claimed, Status.DEAD_LETTERED, attempt, reason=bounded(f"max age exceeded: {text}")
+            )
+        return self.complete(
+            claimed, Status.RETRYING, attempt, reason=text, retry_delay=pause, refund=True
+        )
+
     def complete(
         self,
         claimed: ClaimedDelivery,
@@ -222,6 +258,7 @@ class DeliveryRules:
         *,
         reason: str = "",
         retry_delay: float = 0.0,
+        refund: bool = False,
     ) -> Completion:
         return Completion(
             delivery_id=claimed.delivery_id,
@@ -231,6 +268,7 @@ class DeliveryRules:
             retry_delay_seconds=retry_delay,
             reason=reason,
             worker=self.worker,
+            refund_attempt=refund,
         )
 
 
@@ -309,6 +347,49 @@ def default_worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class ServerPause:
+    """After ServerUnavailable, a worker stops sending for a while, and longer each time.
+
+    The pause starts at `initial` seconds and doubles up to `ceiling` (with
+    +-20% jitter so workers do not probe in step); any successful send ends
+    it. Shared by a worker's send threads.
+    """
+
+    def __init__(
+        self, initial: float = 1.0, ceiling: float = 60.0, rng: Any = random.random
+    ) -> None:
+        self.initial = initial
+        self.ceiling = ceiling
+        self._rng = rng
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._until = 0.0
+
+    def remaining(self) -> float:
+        """Seconds left in the current pause (0 when not paused)."""
+        return max(0.0, self._until - time.monotonic())
+
+    def trip(self) -> float:
+        """Record an unavailable server; answer the seconds until the pause ends."""
+        with self._lock:
+            self._failures += 1
+            ceiling = min(self.ceiling, self.initial * 2 ** min(self._failures - 1, 30))
+            delay = ceiling * (0.8 + 0.4 * float(self._rng()))
+            self._until = max(self._until, time.monotonic() + delay)
+            log.warning(
+                "mail server unavailable: pausing sends for %.1fs (failure %d)",
+                self._until - time.monotonic(),
+                self._failures,
+            )
+            return self._until - time.monotonic()
+
+    def reset(self) -> None:
+        if self._failures:
+            with self._lock:
+                self._failures = 0
+                self._until = 0.0
+
+
 class WorkerSettings:
     """What Worker and AsyncWorker share: the knobs, validated, and the delivery rules."""
 
@@ -338,6 +419,22 @@ class WorkerSettings:
         self.message_id_domain = message_id_domain
         self.observer = observer
         self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
+        self.pause = ServerPause()
+
+    def outcome_of_send(
+        self,
+        claimed: ClaimedDelivery,
+        started: float,
+        result: SendResult | None = None,
+        exc: Exception | None = None,
+    ) -> Completion:
+        """The Completion of a send that returned `result` or raised `exc`."""
+        if exc is None:
+            self.pause.reset()
+            return self.rules.after_send(claimed, started, result)
+        if isinstance(exc, ServerUnavailable):
+            return self.rules.after_unavailable(claimed, started, exc, self.pause.trip())
+        return self.rules.after_failure(claimed, started, exc)
 
 
 def backoff_after_loop_failure(exc: Exception, backoff: float) -> float:

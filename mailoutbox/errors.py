@@ -10,6 +10,7 @@ Callers catch by meaning, never by message text::
     ├── SchemaNotMigrated      the outbox tables are missing (run mailoutbox.migrate)
     └── SendError              raised by a Transport for one delivery
         ├── TransientSendError worth retrying (SMTP 4xx, network errors, timeouts)
+        │   ├── ServerUnavailable   no session at all (refused, greeting 421): pause, not a try
         │   └── UnknownSendOutcome  connection lost after DATA: the server may have the message
         └── PermanentSendError not worth retrying (SMTP 5xx, a message the server refuses)
 """
@@ -83,6 +84,15 @@ class SendError(MailOutboxError):
 
 class TransientSendError(SendError):
     """Worth another try later: SMTP 4xx, refused/reset connections, timeouts."""
+
+
+class ServerUnavailable(TransientSendError):
+    """The mail server could not be reached or would not start a session.
+
+    Nothing about the message was tried, so the worker does not charge the
+    delivery an attempt: it hands the delivery back and pauses claiming, with
+    a growing backoff, until the server answers again.
+    """
 
 
 class UnknownSendOutcome(TransientSendError):

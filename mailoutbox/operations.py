@@ -119,6 +119,7 @@ def completion_params(completions: Sequence[Completion]) -> dict[str, list[Any]]
             ("smtp_enhanced_code", None if a is None else a.smtp_enhanced_code),
             ("refused", None if a is None or a.refused is None else json.dumps(a.refused)),
             ("worker", c.worker),
+            ("refund", int(c.refund_attempt)),
         ):
             params[name].append(value)
     return _array_params(params)

@@ -157,3 +157,5 @@ class Completion:
     retry_delay_seconds: float = 0.0
     reason: str = ""
     worker: str | None = None
+    # The attempt counted at claim is given back: the send never began (server unavailable).
+    refund_attempt: bool = False

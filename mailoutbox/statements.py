@@ -387,6 +387,7 @@ COMPLETION_ARRAYS = (
     ("smtp_enhanced_code", sa.Text),
     ("refused", sa.Text),
     ("worker", sa.Text),
+    ("refund", sa.Integer),
 )
 
 
@@ -416,6 +417,7 @@ def complete_claimed(t: Tables) -> sa.Select[Any]:
         )
         .values(
             status=v.c.status,
+            attempts=d.c.attempts - v.c.refund,
             next_attempt_at=sa.case(
                 (is_(Status.RETRYING), _NOW + _seconds(v.c.retry_delay)), else_=sa.null()
             ),

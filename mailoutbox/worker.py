@@ -92,7 +92,8 @@ class Worker(WorkerSettings):
         """
         report = TickReport()
         retried_this_tick: list[uuid.UUID] = []
-        while not self._stopping.is_set():
+        # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
+        while not self._stopping.is_set() and not self.pause.remaining():
             with translate_missing_schema(self.outbox.schema), self.engine.begin() as conn:
                 claimed = self.store.claim_due(
                     conn,
@@ -143,8 +144,12 @@ class Worker(WorkerSettings):
     # --- one delivery (runs on a send thread; never raises) -----------------------------
 
     def _handle(self, claimed: ClaimedDelivery) -> Completion | None:
-        """The delivery's Completion, or None to hand its lease back (stopping)."""
-        if self._stopping.is_set():
+        """The delivery's Completion, or None to hand its lease back unsent.
+
+        Handed back: when the worker is stopping, or paused because the mail
+        server was unavailable a moment ago.
+        """
+        if self._stopping.is_set() or self.pause.remaining():
             return None
         started = time.monotonic()
         try:
@@ -153,9 +158,9 @@ class Worker(WorkerSettings):
                 return step
             try:
                 result = self.transport.send(step)
-            except Exception as exc:  # noqa: BLE001 - classified in after_failure
-                return self.rules.after_failure(claimed, started, exc)
-            return self.rules.after_send(claimed, started, result)
+            except Exception as exc:  # noqa: BLE001 - classified in outcome_of_send
+                return self.outcome_of_send(claimed, started, exc=exc)
+            return self.outcome_of_send(claimed, started, result)
         except Exception as exc:  # one delivery must never stop the others
             log.exception("unexpected error handling delivery %s", claimed.delivery_id)
             return self.rules.after_failure(claimed, started, exc, permanent=True)
@@ -187,6 +192,9 @@ class Worker(WorkerSettings):
                         backoff = 0.0
                         if report.claimed:
                             continue  # more may be due right away
+                        if paused := self.pause.remaining():
+                            self._stopping.wait(paused)
+                            continue
                         self._wait(listener)
                     except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure (logged)
                         backoff = backoff_after_loop_failure(exc, backoff)

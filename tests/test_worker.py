@@ -424,3 +424,28 @@ def test_worker_rejects_nonsense_settings(outbox: Outbox) -> None:
     for kwargs in ({"batch_size": 0}, {"concurrency": 0}, {"lease": timedelta(0)}):
         with pytest.raises(ValueError):
             worker(outbox, MemoryTransport(), **kwargs)
+
+
+def test_unavailable_server_pauses_the_worker_and_charges_no_attempt(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """No session at all: the delivery retries later with its attempt given back, the rest
+    of the batch is handed back untouched, and nothing is claimed while paused."""
+    from mailoutbox import ServerUnavailable
+
+    ids = [r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(5)])]
+    transport = failing(ServerUnavailable(None, "connection refused"))
+    w = worker(outbox, transport, concurrency=1, batch_size=5)
+    report = w.tick()
+    assert report.claimed == 5 and report.retried == 1 and report.released == 4
+    assert len(transport.failed) == 1
+    [tried] = [e.delivery_id for e in transport.failed]
+    first = outbox.get_delivery(tried)
+    assert (first.status, first.attempts) == (Status.RETRYING, 0)
+    [attempt] = outbox.list_attempts(tried)
+    assert attempt.error_class == "ServerUnavailable"
+    for other in set(ids) - {tried}:
+        d = outbox.get_delivery(other)
+        assert (d.status, d.attempts) == (Status.PENDING, 0)
+    assert w.tick() == TickReport()
+    assert len(transport.failed) == 1

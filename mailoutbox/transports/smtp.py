@@ -11,10 +11,12 @@ message).
 Reply classes map to the error tree: 4xx -> TransientSendError, 5xx ->
 PermanentSendError (a 535 to AUTH included: the credentials are wrong), each
 with the reply code and the RFC 3463 enhanced status code when the server gave
-one. Refused, reset or timed-out connections and failed TLS handshakes
-(certificate errors included, as an MTA defers them) are transient. What no
-retry can fix is permanent: STARTTLS required but not offered, AUTH not
-offered, SMTPUTF8 needed but not offered, an unusable envelope.
+one. Refused, reset or timed-out connections, replies that do not end within
+the timeout or run past `_MAX_REPLY_LINES` / `_MAX_REPLY_BYTES` lines / bytes,
+and failed TLS handshakes (certificate errors included, as an MTA defers them)
+are transient, or unknown once the message was sent. What no retry can fix is
+permanent: STARTTLS required but not offered, AUTH not offered, SMTPUTF8
+needed but not offered, an unusable envelope.
 Server text is cleaned of control characters, of the password (in case a
 server echoes it) and cut to `MAX_SERVER_TEXT` characters before it reaches an
 exception.
@@ -29,7 +31,8 @@ import re
 import smtplib
 import ssl
 import threading
-from typing import Literal
+import time
+from typing import Any, Literal
 
 from ..errors import PermanentSendError, SendError, TransientSendError, UnknownSendOutcome
 from .base import Envelope, SendResult
@@ -42,6 +45,13 @@ DEFAULT_PORTS: dict[str, int] = {"starttls": 587, "tls": 465, "none": 25}
 MAX_SERVER_TEXT = 1000
 # Bound on the QUIT exchange in close(), so closing never waits a full timeout on a dead peer.
 _QUIT_TIMEOUT = 5.0
+# Bounds on one reply. Real ones (EHLO's the longest) are a few dozen short lines; a
+# server going past these is misbehaving, and reading on would let it keep the thread
+# and the memory for as long as it likes.
+_MAX_REPLY_LINES = 100
+_MAX_REPLY_BYTES = 64 * 1024
+# smtplib's limit on one reply line (its private `_MAXLINE`), for the same check.
+_MAX_LINE = 8192
 
 # RFC 3463: class.subject.detail at the start of the reply text; the class repeats the
 # first digit of the reply code (RFC 2034), which is how a stray number is told apart.
@@ -83,6 +93,107 @@ class _StaleConnection(Exception):
     """A reused session turned out to be dead before any of the message was sent."""
 
 
+class _AbandonedReply(smtplib.SMTPServerDisconnected):
+    """A reply overran its time or size, so we stopped reading it and closed the session.
+
+    A disconnection to the rest of the module: the session is unusable, and what that
+    means (transient, or unknown once the message went out) depends on the stage, as
+    for a hang-up.
+    """
+
+
+class _ReplyTimeout(_AbandonedReply, TimeoutError):
+    """A reply did not end within the timeout, whether the server was silent or trickling."""
+
+
+class _Session(smtplib.SMTP):
+    """`smtplib.SMTP` whose `timeout` bounds each whole reply, not each socket read.
+
+    smtplib leaves the timeout on the socket, where it bounds one recv: a server that
+    sends an endless multi-line reply (or one very long line) a byte at a time, each
+    byte within the timeout, would hold the thread forever (RELIABILITY.md, F1).
+    smtplib reads every reply, the greeting included, through `getreply`; this one is
+    CPython's (3.10-3.13) with the reads made against a deadline and the reply capped.
+    """
+
+    def getreply(self) -> tuple[int, bytes]:
+        deadline = time.monotonic() + self.timeout
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        if self.file is None:
+            self.file = sock.makefile("rb")
+        resp: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                try:
+                    line = _readline(sock, self.file, deadline)
+                except TimeoutError as exc:
+                    self.close()
+                    raise _ReplyTimeout(f"no complete reply within {self.timeout:g} s") from exc
+                except OSError as exc:
+                    self.close()
+                    raise smtplib.SMTPServerDisconnected(
+                        "Connection unexpectedly closed: " + str(exc)
+                    ) from exc
+                if not line:
+                    self.close()
+                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+                if len(line) > _MAX_LINE:
+                    self.close()
+                    raise smtplib.SMTPResponseException(500, "Line too long.")
+                resp.append(line[4:].strip(b" \t\r\n"))
+                size += len(line)
+                # A broken reply code ends the reply: reading on would be guessing.
+                try:
+                    errcode = int(line[:3])
+                except ValueError:
+                    errcode = -1
+                    break
+                if line[3:4] != b"-":
+                    break
+                if len(resp) >= _MAX_REPLY_LINES or size > _MAX_REPLY_BYTES:
+                    self.close()
+                    raise _AbandonedReply(
+                        f"reply longer than {_MAX_REPLY_LINES} lines or {_MAX_REPLY_BYTES} bytes"
+                    )
+        finally:
+            # The deadline shrank the socket's timeout; sending (the message, the next
+            # command, a TLS handshake) gets the full one again.
+            if self.sock is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(self.timeout)
+        return errcode, b"\n".join(resp)
+
+
+class _TlsSession(_Session, smtplib.SMTP_SSL):
+    """`smtplib.SMTP_SSL` with `_Session`'s bounded replies."""
+
+
+def _readline(sock: Any, file: Any, deadline: float) -> bytes:
+    """`file.readline(_MAX_LINE + 1)` as smtplib calls it, with every recv within `deadline`.
+
+    readline would wait for the whole line, giving each recv the socket's full timeout;
+    `peek` does at most one recv, so the timeout can shrink before each.
+    """
+    line = b""
+    limit = _MAX_LINE + 1
+    while len(line) < limit:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(remaining)
+        chunk = file.peek()  # what is buffered, or what one recv brings; empty at EOF
+        if not chunk:
+            break
+        end = chunk.find(b"\n", 0, limit - len(line))
+        line += file.read1(end + 1 if end >= 0 else min(len(chunk), limit - len(line)))
+        if end >= 0:
+            break
+    return line
+
+
 class SmtpTransport:
     """Sends messages to one SMTP server (a relay or a submission service).
 
@@ -99,7 +210,9 @@ class SmtpTransport:
             a repr or a log line.
         timeout: seconds any single network operation may take during the
             transaction before the attempt fails (transient, or unknown if the
-            message was already sent).
+            message was already sent). A reply counts as one operation however
+            the server spreads it out, so a server trickling bytes cannot hold
+            the thread past it.
         connect_timeout: the same for opening a session (connect, greeting,
             EHLO, TLS handshake, AUTH); defaults to `timeout`.
         local_hostname: the name sent in EHLO; defaults to the host's FQDN.
@@ -351,7 +464,7 @@ class SmtpTransport:
         session: smtplib.SMTP
         try:
             if self._security == "tls":
-                session = smtplib.SMTP_SSL(
+                session = _TlsSession(
                     self._host,
                     self._port,
                     local_hostname=self._local_hostname,
@@ -359,7 +472,7 @@ class SmtpTransport:
                     context=self._ssl_context,
                 )
             else:
-                session = smtplib.SMTP(
+                session = _Session(
                     self._host,
                     self._port,
                     local_hostname=self._local_hostname,
@@ -390,6 +503,8 @@ class SmtpTransport:
             if self._username is not None and self._password is not None:
                 stage = _AUTH
                 session.login(self._username, self._password.reveal())
+            # The session's `timeout` bounds each reply (`_Session.getreply`), the
+            # socket's each send.
             assert session.sock is not None
             session.sock.settimeout(self._timeout)
             session.timeout = self._timeout
@@ -440,7 +555,8 @@ class SmtpTransport:
         for session in sessions:
             if session.sock is not None:
                 with contextlib.suppress(Exception):
-                    session.sock.settimeout(min(self._timeout, _QUIT_TIMEOUT))
+                    session.timeout = min(self._timeout, _QUIT_TIMEOUT)
+                    session.sock.settimeout(session.timeout)
                     session.quit()
             _close_quietly(session)
         if sessions:
@@ -489,6 +605,15 @@ class SmtpTransport:
 
     def _lost(self, stage: str, exc: BaseException) -> SendError:
         detail = self._clean(str(exc))
+        if isinstance(exc, _AbandonedReply):
+            # We hung up on a reply that overran; that leaves as much unknown as a hang-up
+            # from the server.
+            where = f"{stage}: {self._host}:{self._port}: {detail}"
+            if stage == _FINAL_REPLY:
+                return UnknownSendOutcome(
+                    None, f"{where}, after the message was sent (the server may have accepted it)"
+                )
+            return TransientSendError(None, where)
         if stage == _FINAL_REPLY:
             return UnknownSendOutcome(
                 None,
