@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import operations as ops
@@ -28,7 +29,9 @@ from .delivery import (
     WorkerSettings,
     backoff_after_loop_failure,
     by_claim_token,
+    completion_retry_delays,
     finish_batch,
+    log_completion_retry,
 )
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail
 from .outbox import (
@@ -262,6 +265,7 @@ class AsyncWorker(WorkerSettings):
         report = TickReport()
         retried_this_tick: list[uuid.UUID] = []
         while not self._stopping.is_set() and not self.pause.remaining():
+            lease_ends = time.monotonic() + self.lease.total_seconds()
             with translate_missing_schema(self.outbox.schema):
                 async with self.engine.begin() as conn:
                     claimed = await self.store.claim_due(
@@ -273,7 +277,7 @@ class AsyncWorker(WorkerSettings):
                     )
             if not claimed:
                 break
-            batch, retried = await self._deliver(claimed)
+            batch, retried = await self._deliver(claimed, lease_ends)
             report += batch
             retried_this_tick.extend(retried)
             if len(claimed) < self.batch_size:
@@ -281,7 +285,7 @@ class AsyncWorker(WorkerSettings):
         return report
 
     async def _deliver(
-        self, claimed: Sequence[ClaimedDelivery]
+        self, claimed: Sequence[ClaimedDelivery], lease_ends: float
     ) -> tuple[TickReport, list[uuid.UUID]]:
         gate = asyncio.Semaphore(self.concurrency)
 
@@ -292,11 +296,21 @@ class AsyncWorker(WorkerSettings):
         outcomes = await asyncio.gather(*(handle(c) for c in claimed))
         completions = [o for o in outcomes if o is not None]
         unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
-        async with self.engine.begin() as conn:
-            completed = await self.store.complete(conn, completions)
-            released = 0
-            for token, group in by_claim_token(unsent):
-                released += await self.store.release(conn, [c.delivery_id for c in group], token)
+        # As in Worker._deliver: retry the fenced completion while the lease holds.
+        for delay in completion_retry_delays(lease_ends):
+            try:
+                async with self.engine.begin() as conn:
+                    completed = await self.store.complete(conn, completions)
+                    released = 0
+                    for token, group in by_claim_token(unsent):
+                        ids = [c.delivery_id for c in group]
+                        released += await self.store.release(conn, ids, token)
+                break
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                if delay is None:
+                    raise
+                log_completion_retry(exc, delay)
+                await asyncio.sleep(delay)
         return finish_batch(
             self.name, self.observer, len(claimed), completions, completed, released
         )

@@ -456,3 +456,30 @@ def backoff_after_loop_failure(exc: Exception, backoff: float) -> float:
     else:
         log.exception("worker loop failed; retry in %.1fs", backoff)
     return backoff
+
+
+def completion_retry_delays(lease_ends: float) -> Iterator[float | None]:
+    """Waits between tries of a batch's completion; None marks the last try.
+
+    Doubles from 0.2 s to 5 s, and stops a second before `lease_ends` (a
+    time.monotonic() value): past it another worker may own the deliveries,
+    and the fenced completion would change nothing anyway.
+    """
+    delay = 0.2
+    now = time.monotonic()
+    while True:
+        if now + delay >= lease_ends - 1.0:
+            yield None
+            return
+        yield delay
+        # The caller waited `delay` (or longer) before asking for the next one.
+        now = max(time.monotonic(), now + delay)
+        delay = min(5.0, delay * 2)
+
+
+def log_completion_retry(exc: sa.exc.DBAPIError, delay: float) -> None:
+    log.warning(
+        "could not record a batch's outcome (%s); retrying in %.1fs",
+        redact_addresses(str(exc.orig).strip()),
+        delay,
+    )

@@ -41,8 +41,10 @@ from .delivery import (
     bounded,
     by_claim_token,
     check_worker_settings,
+    completion_retry_delays,
     default_worker_name,
     finish_batch,
+    log_completion_retry,
 )
 from .outbox import Outbox, translate_missing_schema
 from .records import ClaimedDelivery, Completion
@@ -94,6 +96,7 @@ class Worker(WorkerSettings):
         retried_this_tick: list[uuid.UUID] = []
         # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
         while not self._stopping.is_set() and not self.pause.remaining():
+            lease_ends = time.monotonic() + self.lease.total_seconds()
             with translate_missing_schema(self.outbox.schema), self.engine.begin() as conn:
                 claimed = self.store.claim_due(
                     conn,
@@ -106,7 +109,7 @@ class Worker(WorkerSettings):
                 )
             if not claimed:
                 break
-            batch = self._deliver(claimed)
+            batch = self._deliver(claimed, lease_ends)
             report += batch.report
             retried_this_tick.extend(batch.retried_ids)
             if len(claimed) < self.batch_size:
@@ -118,17 +121,28 @@ class Worker(WorkerSettings):
         report: TickReport
         retried_ids: list[uuid.UUID]
 
-    def _deliver(self, claimed: Sequence[ClaimedDelivery]) -> Worker._Batch:
+    def _deliver(self, claimed: Sequence[ClaimedDelivery], lease_ends: float) -> Worker._Batch:
         # None: the worker is stopping and never started that send; its lease goes back.
         outcomes = list(self._executor().map(self._handle, claimed))
         completions = [o for o in outcomes if o is not None]
         unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
-        with self.engine.begin() as conn:
-            completed = self.store.complete(conn, completions)
-            released = sum(
-                self.store.release(conn, [c.delivery_id for c in group], token)
-                for token, group in by_claim_token(unsent)
-            )
+        # The sends are done: losing their outcome to a passing database failure would
+        # send the whole batch again after the lease. Completion is fenced, hence safe to
+        # repeat; keep trying while the lease still holds.
+        for delay in completion_retry_delays(lease_ends):
+            try:
+                with self.engine.begin() as conn:
+                    completed = self.store.complete(conn, completions)
+                    released = sum(
+                        self.store.release(conn, [c.delivery_id for c in group], token)
+                        for token, group in by_claim_token(unsent)
+                    )
+                break
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+                if delay is None:
+                    raise
+                log_completion_retry(exc, delay)
+                time.sleep(delay)
         report, retried = finish_batch(
             self.name, self.observer, len(claimed), completions, completed, released
         )

@@ -449,3 +449,46 @@ def test_unavailable_server_pauses_the_worker_and_charges_no_attempt(
         assert (d.status, d.attempts) == (Status.PENDING, 0)
     assert w.tick() == TickReport()
     assert len(transport.failed) == 1
+
+
+def test_completion_survives_a_dropped_database_connection(
+    db_url: sa.URL, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's connections killed mid-send: the batch's outcome is still recorded."""
+    outbox.enqueue_many([make_mail() for _ in range(3)])
+    killed: list[int] = []
+    killer = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+
+    def handler(envelope: Envelope) -> None:
+        if not killed:
+            with killer.connect() as conn:
+                killed.extend(
+                    conn.execute(
+                        sa.text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        )
+                    ).scalars()
+                )
+
+    w = worker(outbox, MemoryTransport(handler), concurrency=1, lease=timedelta(seconds=30))
+    try:
+        report = w.tick()
+    finally:
+        killer.dispose()
+    assert killed, "the test meant to kill the worker's connections"
+    assert report.sent == 3 and report.lost == 0
+    assert outbox.count_by_status()[Status.SENT] == 3
+    assert "could not record a batch's outcome" in caplog.text
+
+
+def test_completion_retries_stop_before_the_lease_ends() -> None:
+    """Completion is retried with growing waits, never past a second before the lease ends."""
+    from mailoutbox.delivery import completion_retry_delays
+
+    delays = list(completion_retry_delays(time.monotonic() + 10))
+    assert delays[-1] is None
+    waits = [d for d in delays if d is not None]
+    assert waits[:3] == [0.2, 0.4, 0.8]
+    assert sum(waits) < 10
+    assert list(completion_retry_delays(time.monotonic())) == [None]
