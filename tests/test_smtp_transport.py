@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -21,6 +22,7 @@ from mailoutbox.errors import (
 )
 from mailoutbox.transports import Envelope, SendResult, SmtpTransport
 
+from .fault.trickle_server import TrickleServer
 from .smtp_sink import SERVER_CERT, SmtpSink, client_tls_context, server_tls_context
 
 SENDER = "noreply@example.com"
@@ -551,6 +553,160 @@ def test_connection_refused_is_transient(make_transport: MakeTransport) -> None:
     assert type(info.value) is TransientSendError
     assert info.value.code is None
     transport.close()
+
+
+# -- replies that do not end (RELIABILITY.md, F1) -------------------------------------------
+
+Handler = Callable[[socket.socket, threading.Event], None]
+
+
+@contextlib.contextmanager
+def raw_server(handler: Handler) -> Iterator[tuple[str, int]]:
+    """A loopback server that runs `handler(client, stop)` for one connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)  # close() does not wake accept(); a test that never connects
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            client, _ = listener.accept()
+            with client:
+                client.settimeout(5)
+                handler(client, stop)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[:2]
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def smtp_handler(ehlo_reply: bytes, final_reply: bytes = b"250 queued\r\n") -> Handler:
+    """Just enough SMTP to reach the end of DATA, with the given EHLO and final replies."""
+
+    def handle(client: socket.socket, stop: threading.Event) -> None:
+        with client.makefile("rb") as reader:
+            client.sendall(b"220 raw.localhost ESMTP\r\n")
+            while line := reader.readline():
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    client.sendall(ehlo_reply)
+                elif verb == b"DATA":
+                    client.sendall(b"354 go ahead\r\n")
+                    while reader.readline() not in (b".\r\n", b""):
+                        pass
+                    client.sendall(final_reply)
+                elif verb == b"QUIT":
+                    client.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    client.sendall(b"250 OK\r\n")
+
+    return handle
+
+
+def multiline(count: int, width: int = 10) -> bytes:
+    """A 250 reply of `count` lines of `width` characters each."""
+    lines = [b"250-" + b"x" * width + b"\r\n"] * (count - 1)
+    return b"".join(lines) + b"250 " + b"x" * width + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    ("stage", "error"),
+    [
+        ("greeting", TransientSendError),
+        ("ehlo", TransientSendError),
+        ("final reply", UnknownSendOutcome),
+    ],
+)
+def test_trickled_endless_reply_fails_within_the_timeout(
+    stage: str, error: type[SendError]
+) -> None:
+    """A reply trickled a byte at a time, each byte in time, never ending: one timeout."""
+    with TrickleServer(stage, interval=0.02) as server:
+        transport = SmtpTransport(
+            server.host, server.port, security="none", timeout=0.5, local_hostname="client"
+        )
+        started = time.monotonic()
+        with pytest.raises(SendError) as info:
+            transport.send(make_envelope())
+        elapsed = time.monotonic() - started
+        assert server.trickling.is_set()
+        transport.close()
+
+    assert type(info.value) is error
+    assert info.value.code is None
+    assert "no complete reply within 0.5 s" in str(info.value)
+    assert 0.5 <= elapsed < 2.0
+
+
+def test_trickled_endless_line_fails_within_the_timeout() -> None:
+    """One reply line that never ends, a byte at a time: one timeout, not one per byte."""
+
+    def trickle(client: socket.socket, stop: threading.Event) -> None:
+        client.sendall(b"220-")
+        while not stop.wait(0.02):
+            client.sendall(b"x")
+
+    with raw_server(trickle) as (host, port):
+        transport = SmtpTransport(host, port, security="none", timeout=0.5, local_hostname="c")
+        started = time.monotonic()
+        with pytest.raises(TransientSendError, match=r"greeting: .* no complete reply"):
+            transport.send(make_envelope())
+        elapsed = time.monotonic() - started
+        transport.close()
+
+    assert 0.5 <= elapsed < 2.0
+
+
+@pytest.mark.parametrize(
+    ("ehlo_reply", "final_reply", "error"),
+    [
+        (multiline(101), b"250 queued\r\n", TransientSendError),
+        (multiline(20, width=4000), b"250 queued\r\n", TransientSendError),
+        (multiline(3), multiline(5000), UnknownSendOutcome),
+    ],
+    ids=["ehlo-101-lines", "ehlo-80-KiB", "final-reply-5000-lines"],
+)
+def test_overlong_reply_is_given_up(
+    ehlo_reply: bytes, final_reply: bytes, error: type[SendError]
+) -> None:
+    """A reply past 100 lines or 64 KiB ends the session: transient, or unknown after DATA."""
+    with raw_server(smtp_handler(ehlo_reply, final_reply)) as (host, port):
+        transport = SmtpTransport(host, port, security="none", timeout=5.0, local_hostname="c")
+        with pytest.raises(SendError) as info:
+            transport.send(make_envelope())
+        transport.close()
+
+    assert type(info.value) is error
+    assert info.value.code is None
+    assert "reply longer than 100 lines or 65536 bytes" in str(info.value)
+
+
+def test_reply_of_100_lines_is_read_in_full() -> None:
+    """The cap is on the 101st line: a 100-line EHLO reply is a normal one."""
+    with raw_server(smtp_handler(multiline(100))) as (host, port):
+        transport = SmtpTransport(host, port, security="none", timeout=5.0, local_hostname="c")
+        assert transport.send(make_envelope()) == SendResult(refused={})
+        transport.close()
+
+
+def test_a_slow_reply_leaves_the_full_timeout_for_sending(
+    sink: SmtpSink, make_transport: MakeTransport
+) -> None:
+    """Reading a reply shrinks the socket timeout; it is back to `timeout` afterwards."""
+    sink.delays = {"MAIL": 0.3, "DATA": 0.3}
+    transport = make_transport(sink, timeout=1.0)
+
+    transport.send(make_envelope())
+
+    session = transport._local.session
+    assert session.sock.gettimeout() == 1.0
+    assert session.timeout == 1.0
 
 
 # -- authentication and TLS ------------------------------------------------------------------

@@ -3,8 +3,8 @@
 - A server that answers 4xx forever (at MAIL, RCPT or after the message) ends in
   `dead_lettered` after max attempts, or after max age, and is not retried after.
 - A server that trickles its reply (every byte inside the socket timeout, the
-  reply never ending) must cost a timeout, not a hung worker (today it hangs:
-  xfail, see RELIABILITY.md finding F1).
+  reply never ending) costs a timeout, not a hung worker (RELIABILITY.md,
+  finding F1).
 """
 
 from __future__ import annotations
@@ -113,12 +113,6 @@ def test_4xx_forever_ends_dead_lettered_after_max_age(
     assert attempts < 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SmtpTransport's timeout bounds each socket read, not a reply: a server that "
-    "trickles an endless reply a byte at a time hangs the send thread (and the worker's "
-    "tick) forever; see RELIABILITY.md, finding F1",
-)
 @pytest.mark.parametrize("stage", STAGES)
 def test_a_trickling_server_costs_a_timeout_not_a_hung_worker(
     stage: str, engine: sa.Engine, outbox: Outbox
