@@ -17,6 +17,7 @@ import pytest
 from mailoutbox.errors import (
     PermanentSendError,
     SendError,
+    ServerUnavailable,
     TransientSendError,
     UnknownSendOutcome,
 )
@@ -308,13 +309,13 @@ def test_next_send_reconnects_after_a_failure(
 
 
 def test_greeting_421_is_transient(sink: SmtpSink, make_transport: MakeTransport) -> None:
-    """A 421 greeting raises TransientSendError with code 421 and its enhanced code."""
+    """A 421 greeting is ServerUnavailable (transient) with code 421 and its enhanced code."""
     sink.greeting = "421 4.3.2 Service not available, try later"
 
     with pytest.raises(TransientSendError) as info:
         make_transport(sink).send(make_envelope())
 
-    assert type(info.value) is TransientSendError
+    assert type(info.value) is ServerUnavailable
     assert info.value.code == 421
     assert info.value.enhanced_code == "4.3.2"
     assert "greeting" in str(info.value)
@@ -542,7 +543,7 @@ def test_slow_greeting_times_out_within_connect_timeout(
 
 
 def test_connection_refused_is_transient(make_transport: MakeTransport) -> None:
-    """A refused TCP connection raises TransientSendError without a code."""
+    """A refused TCP connection raises ServerUnavailable (transient) without a code."""
     transport = SmtpTransport(
         "127.0.0.1", free_port(), security="none", local_hostname="client.localhost"
     )
@@ -550,7 +551,7 @@ def test_connection_refused_is_transient(make_transport: MakeTransport) -> None:
     with pytest.raises(TransientSendError) as info:
         transport.send(make_envelope())
 
-    assert type(info.value) is TransientSendError
+    assert type(info.value) is ServerUnavailable
     assert info.value.code is None
     transport.close()
 
@@ -618,8 +619,8 @@ def multiline(count: int, width: int = 10) -> bytes:
 @pytest.mark.parametrize(
     ("stage", "error"),
     [
-        ("greeting", TransientSendError),
-        ("ehlo", TransientSendError),
+        ("greeting", ServerUnavailable),
+        ("ehlo", ServerUnavailable),
         ("final reply", UnknownSendOutcome),
     ],
 )
@@ -666,8 +667,8 @@ def test_trickled_endless_line_fails_within_the_timeout() -> None:
 @pytest.mark.parametrize(
     ("ehlo_reply", "final_reply", "error"),
     [
-        (multiline(101), b"250 queued\r\n", TransientSendError),
-        (multiline(20, width=4000), b"250 queued\r\n", TransientSendError),
+        (multiline(101), b"250 queued\r\n", ServerUnavailable),
+        (multiline(20, width=4000), b"250 queued\r\n", ServerUnavailable),
         (multiline(3), multiline(5000), UnknownSendOutcome),
     ],
     ids=["ehlo-101-lines", "ehlo-80-KiB", "final-reply-5000-lines"],

@@ -99,14 +99,18 @@ def test_one_connection_is_reused_across_messages(outbox: Outbox, sink: SmtpSink
     assert sink.connections == 1
 
 
-def test_421_greeting_retries(outbox: Outbox, sink: SmtpSink) -> None:
-    """A 421 at greeting is transient: retrying, next attempt by the policy."""
+def test_421_greeting_pauses_without_charging_an_attempt(outbox: Outbox, sink: SmtpSink) -> None:
+    """A 421 at greeting: no session, so the delivery retries after a short pause, uncharged."""
     enq = outbox.enqueue(make_mail())
     sink.greeting = "421 4.3.2 Service not available"
     assert run_tick(smtp_worker(outbox, sink)).retried == 1
-    assert_retrying_in_30s(outbox, enq.delivery_id)
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert (delivery.status, delivery.attempts) == (Status.RETRYING, 0)
     [attempt] = outbox.list_attempts(enq.delivery_id)
     assert (attempt.outcome, attempt.smtp_code) == (Outcome.TRANSIENT_FAILURE, 421)
+    assert attempt.error_class == "ServerUnavailable"
+    assert delivery.next_attempt_at is not None and attempt.finished_at is not None
+    assert (delivery.next_attempt_at - attempt.finished_at).total_seconds() <= 1.5
 
 
 @pytest.mark.parametrize(

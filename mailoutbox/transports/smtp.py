@@ -34,7 +34,13 @@ import threading
 import time
 from typing import Any, Literal
 
-from ..errors import PermanentSendError, SendError, TransientSendError, UnknownSendOutcome
+from ..errors import (
+    PermanentSendError,
+    SendError,
+    ServerUnavailable,
+    TransientSendError,
+    UnknownSendOutcome,
+)
 from .base import Envelope, SendResult
 
 log = logging.getLogger(__name__)
@@ -459,6 +465,20 @@ class SmtpTransport:
         return session
 
     def _open_session(self) -> smtplib.SMTP:
+        """A ready session (connected, greeted, TLS, logged in), or ServerUnavailable.
+
+        A transient failure before any transaction says nothing about the message:
+        reported as ServerUnavailable, it pauses the worker instead of costing the
+        delivery an attempt.
+        """
+        try:
+            return self._start_session()
+        except TransientSendError as exc:
+            if isinstance(exc, ServerUnavailable | UnknownSendOutcome):
+                raise
+            raise ServerUnavailable(exc.code, exc.message, enhanced_code=exc.enhanced_code) from exc
+
+    def _start_session(self) -> smtplib.SMTP:
         # smtplib must get the host in its constructor: that is where it records the
         # name that TLS (implicit or STARTTLS) checks the certificate against.
         session: smtplib.SMTP
