@@ -1,0 +1,784 @@
+"""mailoutbox benchmark: `python benchmarks/run.py [--quick] [--json] [--database-url URL]`.
+
+Measures the figures of issue 6 (enqueue, drain, latency, SMTP, claim, and the
+pgqueuer peer) in a fresh schema `bench_<random>` that is migrated with
+mailoutbox.migrate() and dropped at the end. Without --database-url an embedded
+PostgreSQL is started (and stopped) for the run.
+
+Every figure is verified before anything is printed: each delivery was sent
+exactly once (the database counts it `sent` once, and the transport, the SMTP
+sink or the peer's handler saw its id once), and a rendered sample parses back
+to the mail that was enqueued. If verification fails the problems go to stderr,
+the figures are printed to stderr marked UNVERIFIED, and the exit status is 1.
+
+Output: a table for people, or with --json one object per line:
+{"name": ..., "value": ..., "unit": ...}. The last line is
+{"name": "verified", "value": 1, "unit": "bool"}. Progress goes to stderr.
+See benchmarks/README.md for the targets and the figures of the last run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import importlib.util
+import itertools
+import json
+import os
+import queue
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import _common  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+import mailoutbox  # noqa: E402
+from mailoutbox import Outbox, Status  # noqa: E402
+
+# --- scale ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scale:
+    enqueue_single: int
+    enqueue_many: int
+    drain: int
+    latency_seconds: float
+    smtp: int
+    claim_rounds: int
+    history: int
+
+
+FULL = Scale(
+    enqueue_single=20_000,
+    enqueue_many=100_000,
+    drain=20_000,
+    latency_seconds=15.0,
+    smtp=5_000,
+    claim_rounds=100,
+    history=1_000_000,
+)
+QUICK = Scale(
+    enqueue_single=1_000,
+    enqueue_many=5_000,
+    drain=2_000,
+    latency_seconds=2.0,
+    smtp=300,
+    claim_rounds=20,
+    history=100_000,
+)
+
+LATENCY_RATE = 200  # mails/s, enqueued one per transaction
+LATENCY_THREADS = 4  # enqueuers sharing the schedule, so one slow commit does not lag the rate
+THREADS = 8
+BATCH = 100
+CHILD_TIMEOUT = 600.0
+
+# name -> (comparison, threshold, how the issue words it); for the human table only.
+TARGETS: dict[str, tuple[str, float, str]] = {
+    "enqueue_many": (">=", 15_000, ">= 15,000 (aim 20,000)"),
+    "enqueue_single": (">=", 3_000, ">= 3,000"),
+    "drain_null": (">=", 5_000, ">= 5,000"),
+    "drain_vs_pgqueuer": (">=", 1.5, ">= 1.5"),
+    "latency_p50_ms": ("<=", 20, "<= 20"),
+    "latency_p99_ms": ("<=", 100, "<= 100"),
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class VerificationError(Exception):
+    pass
+
+
+# --- child processes --------------------------------------------------------------------
+
+_children: list[Child] = []
+_spawned = itertools.count()
+
+
+class Child:
+    """A benchmark child process (see _child.py), spoken to in JSON lines."""
+
+    def __init__(self, role: str, config: dict[str, Any], workdir: Path) -> None:
+        self.role = role
+        self.out = workdir / f"{role}-{next(_spawned)}.json"
+        config = {**config, "out": str(self.out)}
+        # The configuration (database URL included) goes through the environment, not
+        # argv, so that no password shows in the process list.
+        env = {**os.environ, "MAILOUTBOX_BENCH_CHILD": json.dumps(config)}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "_child.py"), role],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        _children.append(self)
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True, name=f"read-{role}").start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                sys.stderr.write(f"[{self.role}] {line}")
+        self.events.put({"event": "exit"})
+
+    def expect(self, event: str, timeout: float = CHILD_TIMEOUT) -> dict[str, Any]:
+        try:
+            message = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"child {self.role}: no {event!r} within {timeout:.0f}s") from None
+        if message.get("event") != event:
+            raise RuntimeError(f"child {self.role}: expected {event!r}, got {message}")
+        return message
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def result(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.out.read_text())
+        return data
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the process: closing its stdin makes it exit; kill it if it does not."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self in _children:
+            _children.remove(self)
+
+
+def close_children() -> None:
+    for child in list(_children):
+        with contextlib.suppress(Exception):
+            child.close(timeout=5.0)
+
+
+atexit.register(close_children)
+
+
+@contextlib.contextmanager
+def children(*spawned: Child) -> Iterator[tuple[Child, ...]]:
+    try:
+        yield spawned
+    finally:
+        for child in spawned:
+            child.close()
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+
+
+@dataclass
+class Bench:
+    engine: sa.Engine
+    url: sa.URL
+    schema: str
+    scale: Scale
+    workdir: Path
+    only: set[str] | None
+    profile_dir: Path | None
+    outbox: Outbox = field(init=False)
+    figures: list[Figure] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    verified_deliveries: int = 0
+
+    def __post_init__(self) -> None:
+        self.outbox = Outbox(self.engine, schema=self.schema, default_sender=_common.SENDER)
+
+    # helpers
+
+    def wanted(self, *names: str) -> bool:
+        return self.only is None or any(n in self.only for n in names)
+
+    def add(self, name: str, value: float, unit: str) -> None:
+        self.figures.append(Figure(name, value, unit))
+        log(f"  {name} = {format_value(value)} {unit}")
+
+    def check(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.problems.append(what)
+            log(f"  VERIFICATION FAILED: {what}")
+
+    def sql(self, statement: str, **params: Any) -> list[Any]:
+        """Run one statement in its own transaction; its rows (fetched before commit)."""
+        with self.engine.begin() as conn:
+            result = conn.execute(sa.text(statement), params)
+            return list(result) if result.returns_rows else []
+
+    def autocommit(self, *statements: str) -> None:
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+
+    def tables(self) -> list[str]:
+        names = (
+            "mail_attempts",
+            "mail_dead_letters",
+            "mail_recipients",
+            "mail_deliveries",
+            "mail_payloads",
+        )
+        return [f'"{self.schema}".{name}' for name in names]
+
+    def reset(self) -> None:
+        """Empty the outbox tables (a fresh start for the next figure)."""
+        self.sql("TRUNCATE " + ", ".join(self.tables()))
+
+    def analyze(self, vacuum: bool = False) -> None:
+        verb = "VACUUM (ANALYZE)" if vacuum else "ANALYZE"
+        self.autocommit(*(f"{verb} {t}" for t in self.tables()))
+
+    def load(self, count: int, tag: str, batch: int = 1000) -> set[str]:
+        """Enqueue `count` due mails (not timed); return their delivery ids (hex)."""
+        ids: set[str] = set()
+        for lo in range(0, count, batch):
+            mails = [_common.bench_mail(i, tag) for i in range(lo, min(count, lo + batch))]
+            ids.update(r.delivery_id.hex for r in self.outbox.enqueue_many(mails))
+        return ids
+
+    def status_counts(self) -> dict[Status, int]:
+        return self.outbox.count_by_status()
+
+    def verify_all_sent(self, label: str, ids: set[str], seen: Sequence[str]) -> None:
+        """The database counts every delivery sent once; the transport saw each id once."""
+        counts = self.status_counts()
+        n = len(ids)
+        self.check(counts[Status.SENT] == n, f"{label}: {counts[Status.SENT]} sent, expected {n}")
+        others = {s.value: c for s, c in counts.items() if s is not Status.SENT and c}
+        self.check(not others, f"{label}: deliveries left in other states: {others}")
+        attempts = self.sql(
+            f'SELECT count(*), count(DISTINCT delivery_id) FROM "{self.schema}".mail_attempts '
+            "WHERE outcome = 'sent'"
+        )[0]
+        self.check(
+            attempts[0] == n and attempts[1] == n,
+            f"{label}: {attempts[0]} 'sent' attempts for {attempts[1]} deliveries, expected {n}",
+        )
+        dupes = [d for d, c in Counter(seen).items() if c > 1]
+        self.check(not dupes, f"{label}: {len(dupes)} deliveries sent more than once")
+        self.check(
+            set(seen) == ids,
+            f"{label}: the transport saw {len(set(seen))} distinct deliveries, "
+            f"{len(ids - set(seen))} enqueued ones missing, {len(set(seen) - ids)} unknown",
+        )
+        if not self.problems:
+            self.verified_deliveries += n
+
+    def child_config(self, **extra: Any) -> dict[str, Any]:
+        return {"url": _common.url_text(self.url), "schema": self.schema, **extra}
+
+    # figures
+
+    def enqueue_single(self) -> None:
+        n = self.scale.enqueue_single
+        log(f"enqueue_single: {n} mails, one enqueue per transaction, {THREADS} threads")
+        self.reset()
+        mails = [_common.bench_mail(i, "single") for i in range(n)]
+        results: list[list[Any]] = [[] for _ in range(THREADS)]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(THREADS + 1)
+
+        def run(k: int) -> None:
+            barrier.wait()
+            try:
+                out = results[k]
+                for mail in mails[k::THREADS]:
+                    out.append(self.outbox.enqueue(mail))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(THREADS)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+        if errors:
+            raise errors[0]
+        enqueued = [r for out in results for r in out]
+        self.verify_enqueued("enqueue_single", enqueued, n)
+        self.add("enqueue_single", round(n / elapsed), "mails/s")
+
+    def enqueue_many(self) -> None:
+        n = self.scale.enqueue_many
+        log(f"enqueue_many: {n} mails, enqueue_many in batches of {BATCH}, one thread")
+        self.reset()
+        batches = [
+            [_common.bench_mail(i, "many") for i in range(lo, min(n, lo + BATCH))]
+            for lo in range(0, n, BATCH)
+        ]
+        enqueued: list[Any] = []
+        start = time.perf_counter()
+        for batch in batches:
+            enqueued.extend(self.outbox.enqueue_many(batch))
+        elapsed = time.perf_counter() - start
+        self.verify_enqueued("enqueue_many", enqueued, n)
+        self.add("enqueue_many", round(n / elapsed), "mails/s")
+
+    def verify_enqueued(self, label: str, enqueued: Sequence[Any], n: int) -> None:
+        self.check(len(enqueued) == n, f"{label}: {len(enqueued)} results for {n} mails")
+        self.check(all(r.created for r in enqueued), f"{label}: some mails were not created")
+        ids = {r.delivery_id for r in enqueued}
+        self.check(len(ids) == n, f"{label}: {len(ids)} distinct delivery ids for {n} mails")
+        rows = self.sql(
+            f'SELECT (SELECT count(*) FROM "{self.schema}".mail_deliveries WHERE status = '
+            f"'pending'), (SELECT count(*) FROM \"{self.schema}\".mail_payloads), "
+            f'(SELECT count(*) FROM "{self.schema}".mail_recipients)'
+        )[0]
+        self.check(
+            tuple(rows) == (n, n, n),
+            f"{label}: rows (deliveries, payloads, recipients) = {tuple(rows)}, expected {n} each",
+        )
+
+    def drain(self, name: str, processes: int) -> float:
+        n = self.scale.drain
+        log(
+            f"{name}: {processes} worker process(es) draining {n} due deliveries "
+            "into the null transport"
+        )
+        self.reset()
+        spawned = []
+        for k in range(processes):
+            extra: dict[str, Any] = {}
+            if self.profile_dir is not None and k == 0:
+                extra["pyinstrument"] = str(self.profile_dir / f"{name}.txt")
+            spawned.append(Child("drain", self.child_config(**extra), self.workdir))
+        with children(*spawned):
+            for child in spawned:
+                child.expect("ready")
+            ids = self.load(n, name)
+            self.analyze()
+            for child in spawned:
+                child.send("go")
+            done = [child.expect("done") for child in spawned]
+            results = [child.result() for child in spawned]
+        elapsed = max(d["end"] for d in done) - min(d["start"] for d in done)
+        seen = [i for r in results for i in r["ids"]]
+        for r in results:
+            if r.get("sample_problem"):
+                self.check(False, f"{name}: rendered sample: {r['sample_problem']}")
+        self.verify_all_sent(name, ids, seen)
+        rate = n / elapsed
+        self.add(name, round(rate), "deliveries/s")
+        return rate
+
+    def peer(self, drain_rate: float | None) -> None:
+        if importlib.util.find_spec("pgqueuer") is None:
+            log(
+                "peer_pgqueuer_drain: pgqueuer is not installed "
+                "(pip install -r benchmarks/requirements.txt); peer figures skipped"
+            )
+            return
+        n = self.scale.drain
+        log(f"peer_pgqueuer_drain: pgqueuer draining {n} jobs that render the same mail")
+        self.reset()
+        config = self.child_config(libpq_url=_common.libpq_url(self.url), count=n, batch_size=BATCH)
+        with children(Child("pgqueuer", config, self.workdir)) as (child,):
+            child.expect("ready")
+            child.send("go")
+            done = child.expect("done")
+            result = child.result()
+        label = "peer_pgqueuer_drain"
+        log(f"  pgqueuer ran on {result['driver']} with the {result['loop']} event loop")
+        handled = result["ids"]
+        self.check(len(handled) == n, f"{label}: {len(handled)} jobs handled, expected {n}")
+        self.check(len(set(handled)) == len(handled), f"{label}: a job was handled twice")
+        self.check(
+            result["left_in_queue"] == 0,
+            f"{label}: {result['left_in_queue']} jobs left in the queue",
+        )
+        if result.get("sample_problem"):
+            self.check(False, f"{label}: rendered sample: {result['sample_problem']}")
+        rate = n / (done["end"] - done["start"])
+        self.add(label, round(rate), "jobs/s")
+        if drain_rate is not None:
+            self.add("drain_vs_pgqueuer", round(drain_rate / rate, 2), "ratio")
+
+    def smtp(self) -> None:
+        n = self.scale.smtp
+        log(
+            f"smtp_loopback: {n} deliveries through SmtpTransport (security='none') into "
+            "an aiosmtpd sink, concurrency 8"
+        )
+        self.reset()
+        with children(Child("sink", {}, self.workdir)) as (sink,):
+            port = sink.expect("ready")["port"]
+            config = self.child_config(smtp_port=port)
+            with children(Child("drain", config, self.workdir)) as (worker,):
+                worker.expect("ready")
+                ids = self.load(n, "smtp")
+                self.analyze()
+                worker.send("go")
+                done = worker.expect("done")
+            sink.send("stop")
+            sink.expect("done")
+            received = sink.result()
+        for problem in received["problems"]:
+            self.check(False, f"smtp_loopback: sink: {problem}")
+        self.verify_all_sent("smtp_loopback", ids, received["ids"])
+        self.add("smtp_loopback", round(n / (done["end"] - done["start"])), "deliveries/s")
+
+    def latency(self) -> None:
+        seconds = self.scale.latency_seconds
+        total = int(seconds * LATENCY_RATE)
+        warmup = 10
+        log(
+            f"latency: worker.run() with LISTEN/NOTIFY; {total} mails at {LATENCY_RATE}/s, "
+            f"one enqueue per transaction ({LATENCY_THREADS} enqueuer threads)"
+        )
+        self.reset()
+        commits: dict[str, float] = {}
+        ids: set[str] = set()
+        with children(Child("run", self.child_config(), self.workdir)) as (child,):
+            child.expect("ready")
+            # Warm-up mails prove the worker is up and listening; they are not measured.
+            for i in range(warmup):
+                ids.add(self.outbox.enqueue(_common.bench_mail(i, "warmup")).delivery_id.hex)
+                time.sleep(0.05)
+            self.wait_sent(len(ids), 30.0)
+            start = time.perf_counter()
+            lock = threading.Lock()
+            errors: list[BaseException] = []
+
+            def enqueue_every(k: int) -> None:
+                # Open loop: mail i is due at start + i/rate, whatever the others do, so a
+                # slow enqueue delays only its own thread's next slot.
+                try:
+                    for i in range(k, total, LATENCY_THREADS):
+                        pause = start + i / LATENCY_RATE - time.perf_counter()
+                        if pause > 0:
+                            time.sleep(pause)
+                        r = self.outbox.enqueue(_common.bench_mail(i, "latency"))
+                        committed = time.time()
+                        with lock:
+                            commits[r.delivery_id.hex] = committed
+                            ids.add(r.delivery_id.hex)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    errors.append(exc)
+
+            threads = [
+                threading.Thread(target=enqueue_every, args=(k,)) for k in range(LATENCY_THREADS)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            achieved = total / (time.perf_counter() - start)
+            if errors:
+                raise errors[0]
+            self.wait_sent(len(ids), 60.0)
+            child.send("stop")
+            child.expect("done")
+            result = child.result()
+        sends = result["sends"]
+        if result.get("sample_problem"):
+            self.check(False, f"latency: rendered sample: {result['sample_problem']}")
+        self.verify_all_sent("latency", ids, [d for d, _ in sends])
+        sent_at = dict(sends)
+        latencies = sorted((sent_at[d] - c) * 1000 for d, c in commits.items() if d in sent_at)
+        self.check(
+            achieved >= LATENCY_RATE * 0.95,
+            f"latency: the enqueuer only reached {achieved:.0f} mails/s",
+        )
+        if latencies:
+            self.add("latency_p50_ms", round(percentile(latencies, 50), 2), "ms")
+            self.add("latency_p99_ms", round(percentile(latencies, 99), 2), "ms")
+
+    def wait_sent(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status_counts()[Status.SENT] < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {count} deliveries to be sent")
+            time.sleep(0.02)
+
+    def claim(self) -> None:
+        rounds = self.scale.claim_rounds
+        self.reset()
+        log(f"claim_ms_empty: {rounds} claims of {BATCH} with an empty history")
+        self.add("claim_ms_empty", round(self.measure_claims(rounds, "empty"), 3), "ms")
+        self.reset()
+        rows = self.scale.history
+        log(f"claim_ms_1m: generating {rows} sent deliveries of history")
+        started = time.perf_counter()
+        self.generate_history(rows)
+        log(f"  history generated, vacuumed and analyzed in {time.perf_counter() - started:.1f}s")
+        log(f"claim_ms_1m: {rounds} claims of {BATCH} with {rows} sent deliveries in the table")
+        self.add("claim_ms_1m", round(self.measure_claims(rounds, "1m"), 3), "ms")
+        self.add("claim_history_rows", rows, "rows")
+
+    def measure_claims(self, rounds: int, tag: str) -> float:
+        self.load((rounds + 1) * BATCH, f"claim-{tag}")
+        self.analyze(vacuum=True)
+        store, seen, times = self.outbox.store, set(), []
+        for r in range(rounds + 1):
+            start = time.perf_counter()
+            with self.engine.begin() as conn:
+                claimed = store.claim_due(conn, limit=BATCH, worker="bench", lease_seconds=300)
+            elapsed = time.perf_counter() - start
+            self.check(len(claimed) == BATCH, f"claim {tag}: got {len(claimed)}, not {BATCH}")
+            fresh = {c.delivery_id for c in claimed}
+            self.check(not fresh & seen, f"claim {tag}: a delivery was claimed twice")
+            seen |= fresh
+            if r:  # the first claim warms up (statement compilation, caches)
+                times.append(elapsed * 1000)
+        return statistics.median(times)
+
+    def generate_history(self, rows: int) -> None:
+        """`rows` sent deliveries (payload, recipient, one 'sent' attempt each), in bulk.
+
+        Generated with INSERT ... SELECT generate_series. The rows are consistent by
+        construction, so where the role may (superuser) the inserts skip the
+        foreign-key triggers (session_replication_role = replica), which takes the
+        generation of 1M rows from minutes to seconds. History bodies are short:
+        the claim never reads the payloads of sent mail.
+        """
+        s = f'"{self.schema}"'
+        when = f"now() - interval '30 days' * (1 - g::float8 / {rows})"
+        statements = [
+            f"INSERT INTO {s}.mail_payloads (payload_id, content_type, subject, body, sender, "
+            "headers, created_at) "
+            "SELECT md5('p' || g)::uuid, 'text/plain', 'Your order #' || g || ' has shipped', "
+            "convert_to('Your order #' || g || E' has shipped.\\n', 'UTF8'), "
+            f"'{_common.SENDER}', '[]'::jsonb, {when} FROM generate_series(1, {rows}) g",
+            f"INSERT INTO {s}.mail_deliveries (delivery_id, template_id, idempotency_key, "
+            "status, attempts, next_attempt_at, payload_id, created_at, updated_at, sent_at, "
+            "cycle_started_at) "
+            f"SELECT md5('d' || g)::uuid, '{_common.TEMPLATE}', 'history-' || g, 'sent', 1, "
+            "NULL, md5('p' || g)::uuid, t, t, t, t "
+            f"FROM (SELECT g, {when} AS t FROM generate_series(1, {rows}) g) x",
+            f"INSERT INTO {s}.mail_recipients (recipient_id, delivery_id, address, kind, position) "
+            "SELECT gen_random_uuid(), md5('d' || g)::uuid, 'customer' || g || '@example.com', "
+            f"'to', 0 FROM generate_series(1, {rows}) g",
+            f"INSERT INTO {s}.mail_attempts (attempt_id, delivery_id, attempt_no, started_at, "
+            "finished_at, outcome, error, worker) "
+            f"SELECT gen_random_uuid(), md5('d' || g)::uuid, 1, {when}, {when}, 'sent', '', "
+            f"'history' FROM generate_series(1, {rows}) g",
+        ]
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+                for statement in statements:
+                    conn.execute(sa.text(statement))
+        except sa.exc.ProgrammingError:  # not allowed to skip the triggers: run them
+            with self.engine.begin() as conn:
+                for statement in statements:
+                    conn.execute(sa.text(statement))
+        self.analyze(vacuum=True)
+        with contextlib.suppress(sa.exc.DBAPIError):
+            self.autocommit("CHECKPOINT")
+
+    # the whole run
+
+    def run(self) -> None:
+        version = self.sql("SHOW server_version_num")[0][0]
+        self.add("server_version_num", int(version), "PostgreSQL")
+        # Other work on the machine skews every figure; say how busy it was.
+        self.add("load_avg_1m_start", round(os.getloadavg()[0], 2), "runnable tasks")
+        if self.wanted("enqueue_single"):
+            self.enqueue_single()
+        if self.wanted("enqueue_many"):
+            self.enqueue_many()
+        drain_rate = None
+        if self.wanted("drain_null", "drain_vs_pgqueuer"):
+            drain_rate = self.drain("drain_null", 1)
+        if self.wanted("drain_null_2proc"):
+            self.drain("drain_null_2proc", 2)
+        if self.wanted("peer_pgqueuer_drain", "drain_vs_pgqueuer"):
+            self.peer(drain_rate)
+        if self.wanted("smtp_loopback"):
+            self.smtp()
+        if self.wanted("latency_p50_ms", "latency_p99_ms"):
+            self.latency()
+        if self.wanted("claim_ms_empty", "claim_ms_1m"):
+            self.claim()
+        self.add("load_avg_1m_end", round(os.getloadavg()[0], 2), "runnable tasks")
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    rank = max(1, int(-(-len(sorted_values) * p // 100)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+# --- output -----------------------------------------------------------------------------
+
+
+def format_value(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.2f}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def target_status(figure: Figure, figures: dict[str, Figure]) -> tuple[str, str]:
+    if figure.name == "claim_ms_1m" and "claim_ms_empty" in figures:
+        limit = 2 * figures["claim_ms_empty"].value
+        return "<= 2x claim_ms_empty", "met" if figure.value <= limit else "MISSED"
+    if figure.name not in TARGETS:
+        return "", ""
+    op, threshold, text = TARGETS[figure.name]
+    met = figure.value >= threshold if op == ">=" else figure.value <= threshold
+    return text, "met" if met else "MISSED"
+
+
+def print_table(figures: list[Figure], title: str, stream: Any) -> None:
+    by_name = {f.name: f for f in figures}
+    rows = [(f.name, format_value(f.value), f.unit, *target_status(f, by_name)) for f in figures]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [
+            max(len(r[i]) for r in [*rows, ("figure", "value", "unit", "target", "")])
+            for i in range(5)
+        ]
+        print(title, file=stream)
+        header = ("figure", "value", "unit", "target", "")
+        for row in [header, *rows]:
+            cells = [
+                row[0].ljust(widths[0]),
+                row[1].rjust(widths[1]),
+                *(c.ljust(w) for c, w in zip(row[2:], widths[2:], strict=True)),
+            ]
+            print("  ".join(cells).rstrip(), file=stream)
+        return
+    table = Table(title=title)
+    table.add_column("figure", no_wrap=True)
+    table.add_column("value", justify="right")
+    table.add_column("unit")
+    table.add_column("target")
+    table.add_column("")
+    for row in rows:
+        table.add_row(*row)
+    Console(file=stream, width=110).print(table)
+
+
+def emit_json(figures: list[Figure], verified: bool) -> None:
+    for f in figures:
+        print(json.dumps({"name": f.name, "value": f.value, "unit": f.unit}))
+    print(json.dumps({"name": "verified", "value": 1 if verified else 0, "unit": "bool"}))
+    sys.stdout.flush()
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def database(url: str | None) -> Iterator[tuple[sa.URL, str]]:
+    if url:
+        yield _common.psycopg_url(url), "given"
+        return
+    from mailoutbox.embedded import embedded_postgres
+
+    log("starting the embedded PostgreSQL")
+    with embedded_postgres(prefix="mailoutbox-bench-pg-") as embedded:
+        yield embedded, "embedded"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="scaled-down run (under a minute)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--database-url", help="PostgreSQL URL (default: embedded server)")
+    parser.add_argument("--only", help="comma-separated figure names to measure")
+    parser.add_argument(
+        "--profile", metavar="DIR", help="write a pyinstrument profile of the drain workers"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    scale = QUICK if args.quick else FULL
+    only = set(args.only.split(",")) if args.only else None
+    profile_dir = Path(args.profile).resolve() if args.profile else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    schema = f"bench_{secrets.token_hex(4)}"
+    started = time.perf_counter()
+    with (
+        tempfile.TemporaryDirectory(prefix="mailoutbox-bench-") as tmp,
+        database(args.database_url) as (url, source),
+    ):
+        engine = sa.create_engine(url, pool_size=THREADS + 4, max_overflow=THREADS)
+        bench: Bench | None = None
+        try:
+            log(
+                f"database: {url.render_as_string(hide_password=True)} ({source}); "
+                f"schema {schema}; {'quick' if args.quick else 'full'} run"
+            )
+            mailoutbox.migrate(engine, schema=schema)
+            bench = Bench(engine, url, schema, scale, Path(tmp), only, profile_dir)
+            bench.run()
+        finally:
+            close_children()
+            with contextlib.suppress(Exception), engine.begin() as conn:
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            engine.dispose()
+    assert bench is not None
+    log(f"finished in {time.perf_counter() - started:.1f}s")
+    verified = not bench.problems
+    figures = bench.figures
+    if verified:
+        if only is None or bench.verified_deliveries:
+            figures = [
+                *figures,
+                Figure("verified_deliveries", bench.verified_deliveries, "deliveries"),
+            ]
+        if args.json:
+            emit_json(figures, verified=True)
+        else:
+            print_table(
+                figures,
+                f"mailoutbox benchmark ({'quick' if args.quick else 'full'}, {source} PostgreSQL)",
+                sys.stdout,
+            )
+        return 0
+    log("verification FAILED:")
+    for problem in bench.problems:
+        log(f"  - {problem}")
+    print_table(figures, "UNVERIFIED figures", sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

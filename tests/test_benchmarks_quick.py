@@ -1,0 +1,76 @@
+"""The benchmark script works: `benchmarks/run.py --quick --json` against the test database.
+
+This proves the harness runs end to end and that it verified its own results
+(every delivery sent exactly once); it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FIXED_FIGURES = {
+    "enqueue_single",
+    "enqueue_many",
+    "drain_null",
+    "drain_null_2proc",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "smtp_loopback",
+    "claim_ms_empty",
+    "claim_ms_1m",
+    "claim_history_rows",
+}
+# pgqueuer is a benchmark-only dependency (benchmarks/requirements.txt): without it the
+# script skips the peer and says so, and so does this test.
+PEER_FIGURES = {"peer_pgqueuer_drain", "drain_vs_pgqueuer"}
+
+
+def test_quick_benchmark_runs_and_verifies(empty_db_url: sa.URL) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--json",
+            "--database-url",
+            empty_db_url.render_as_string(hide_password=False),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    lines = proc.stdout.splitlines()
+    assert lines, proc.stderr[-4000:]
+    figures: dict[str, float] = {}
+    for line in lines:
+        record = json.loads(line)
+        assert set(record) == {"name", "value", "unit"}, line
+        assert isinstance(record["name"], str) and record["name"], line
+        assert isinstance(record["unit"], str) and record["unit"], line
+        assert isinstance(record["value"], (int, float)), line
+        assert math.isfinite(record["value"]), line
+        assert record["name"] not in figures, f"{record['name']} printed twice"
+        figures[record["name"]] = record["value"]
+
+    expected = set(FIXED_FIGURES)
+    if importlib.util.find_spec("pgqueuer") is not None:
+        expected |= PEER_FIGURES
+    assert expected <= set(figures), sorted(expected - set(figures))
+    # The script verified every delivery was sent exactly once before printing.
+    assert figures["verified"] == 1
+    assert figures["verified_deliveries"] > 0
+    for name in expected - {"claim_history_rows"}:
+        assert figures[name] > 0, name
+    assert figures["claim_history_rows"] >= 100_000
