@@ -64,7 +64,11 @@ async def arun(conn: AsyncConnection, plan: ops.Plan[T]) -> T:
     try:
         query = next(plan)
         while True:
-            result = await conn.execute(query.statement, query.params or {})
+            if query.arrays:
+                sql, defaults = ops.driver_sql(query.statement, conn.dialect)
+                result = await conn.exec_driver_sql(sql, {**defaults, **(query.params or {})})
+            else:
+                result = await conn.execute(query.statement, query.params or {})
             query = plan.send(ops.fetch(result, query.fetch))
     except StopIteration as done:
         answer: T = done.value

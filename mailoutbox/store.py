@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -29,13 +29,19 @@ from .schema import DEFAULT_SCHEMA, Status, Tables, tables_for
 T = TypeVar("T")
 
 
+def execute(conn: sa.Connection, query: ops.Query) -> sa.CursorResult[Any]:
+    if query.arrays:
+        sql, defaults = ops.driver_sql(query.statement, conn.dialect)
+        return conn.exec_driver_sql(sql, {**defaults, **(query.params or {})})
+    return conn.execute(query.statement, query.params or {})
+
+
 def run(conn: sa.Connection, plan: ops.Plan[T]) -> T:
     """Drive a plan to its answer, executing each Query it yields on `conn`."""
     try:
         query = next(plan)
         while True:
-            result = conn.execute(query.statement, query.params or {})
-            query = plan.send(ops.fetch(result, query.fetch))
+            query = plan.send(ops.fetch(execute(conn, query), query.fetch))
     except StopIteration as done:
         answer: T = done.value
         return answer
