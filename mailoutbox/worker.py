@@ -123,7 +123,7 @@ class Worker(WorkerSettings):
 
     def _deliver(self, claimed: Sequence[ClaimedDelivery], lease_ends: float) -> Worker._Batch:
         # None: the worker is stopping and never started that send; its lease goes back.
-        outcomes = list(self._executor().map(self._handle, claimed))
+        outcomes = self._handle_all(claimed)
         completions = [o for o in outcomes if o is not None]
         unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
         # The sends are done: losing their outcome to a passing database failure would
@@ -147,6 +147,30 @@ class Worker(WorkerSettings):
             self.name, self.observer, len(claimed), completions, completed, released
         )
         return Worker._Batch(report, retried)
+
+    def _handle_all(self, claimed: Sequence[ClaimedDelivery]) -> list[Completion | None]:
+        """Handle a batch on up to `concurrency` threads, each taking the next delivery.
+
+        One task per thread rather than one per delivery: a Future per message
+        cost as much as rendering it.
+        """
+        outcomes: list[Completion | None] = [None] * len(claimed)
+        positions = iter(range(len(claimed)))
+        take = threading.Lock()
+
+        def work() -> None:
+            while True:
+                with take:
+                    i = next(positions, None)
+                if i is None:
+                    return
+                outcomes[i] = self._handle(claimed[i])
+
+        pool = self._executor()
+        tasks = [pool.submit(work) for _ in range(min(self.concurrency, len(claimed)))]
+        for task in tasks:
+            task.result()
+        return outcomes
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
