@@ -372,6 +372,10 @@ class ServerPause:
     def trip(self) -> float:
         """Record an unavailable server; answer the seconds until the pause ends."""
         with self._lock:
+            now = time.monotonic()
+            if now < self._until:
+                # Sends that were in flight together fail together: one outage, one step.
+                return self._until - now
             self._failures += 1
             ceiling = min(self.ceiling, self.initial * 2 ** min(self._failures - 1, 30))
             delay = ceiling * (0.8 + 0.4 * float(self._rng()))

@@ -233,3 +233,20 @@ def test_policy_is_immutable() -> None:
 
     with pytest.raises(AttributeError):
         p.max_attempts = 3  # type: ignore[misc]
+
+
+def test_server_pause_counts_simultaneous_failures_once() -> None:
+    """Sends failing together during one outage lengthen the pause by one step, not four."""
+    import time
+
+    from mailoutbox.delivery import ServerPause
+
+    pause = ServerPause(initial=0.05, ceiling=10.0, rng=lambda: 0.5)
+    first = [pause.trip() for _ in range(4)]
+    assert all(0 < p <= 0.05 for p in first)
+    time.sleep(0.06)
+    assert pause.remaining() == 0
+    assert 0.05 < pause.trip() <= 0.1
+    pause.reset()
+    assert pause.remaining() == 0
+    assert pause.trip() <= 0.05
