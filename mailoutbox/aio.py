@@ -160,6 +160,13 @@ class AsyncOutbox(OutboxSettings):
             async with self.engine.begin() as conn:
                 return await arun(conn, plan)
 
+    async def _autocommit(self, plan: ops.Plan[T]) -> T:
+        # See Outbox._autocommit: one statement, one round trip.
+        with translate_missing_schema(self.schema):
+            async with self.engine.connect() as conn:
+                autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                return await arun(autocommit, plan)
+
     async def enqueue(self, mail: Mail, *, connection: Any = None) -> Enqueued:
         """Enqueue one mail; see enqueue_many."""
         return (await self.enqueue_many([mail], connection=connection))[0]
@@ -176,7 +183,7 @@ class AsyncOutbox(OutboxSettings):
             with translate_missing_schema(self.schema):
                 results = await arun(await async_connection_of(connection), plan)
         else:
-            results = await self._write(plan)
+            results = await self._autocommit(plan)
         return [Enqueued(delivery_id, created) for delivery_id, created in results]
 
     async def get_delivery(self, delivery_id: uuid.UUID | str) -> Delivery:
