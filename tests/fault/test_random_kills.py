@@ -123,6 +123,9 @@ def test_random_kills_lose_nothing(
     assert lost == 0
     assert counts(engine)[Status.SENT] == DELIVERIES
     assert dups <= held_at_kills
-    assert outcomes.get("lease_expired", 0) == held_at_kills
+    # Each lease a killed worker still held is taken over and recorded as lease_expired.
+    # `held_at_kills` is read just after SIGKILL, and a COMMIT the victim had already sent
+    # can still land after that read (seen: 130 of 140), so the count is an upper bound.
+    assert 0 < outcomes.get("lease_expired", 0) <= held_at_kills
     assert outcomes["sent"] == DELIVERIES
     assert recovered_after_last_kill <= LEASE + POLL + SLACK
