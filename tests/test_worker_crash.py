@@ -92,7 +92,8 @@ def test_sigkill_mid_batch_loses_nothing(
     lost_attempts = sum(
         a.outcome is Outcome.LEASE_EXPIRED for i in ids for a in outbox.list_attempts(i)
     )
-    assert lost_attempts == held
+    # `held` is read just after the kill; a COMMIT already on its way can still land.
+    assert 0 < lost_attempts <= held
 
 
 def test_delivery_that_kills_its_worker_every_time_ends_dead_lettered(
