@@ -65,8 +65,7 @@ async def arun(conn: AsyncConnection, plan: ops.Plan[T]) -> T:
         query = next(plan)
         while True:
             if query.arrays:
-                sql, defaults = ops.driver_sql(query.statement, conn.dialect)
-                result = await conn.exec_driver_sql(sql, {**defaults, **(query.params or {})})
+                result = await conn.exec_driver_sql(*ops.driver_call(query, conn.dialect))
             else:
                 result = await conn.execute(query.statement, query.params or {})
             query = plan.send(ops.fetch(result, query.fetch))

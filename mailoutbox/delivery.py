@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 
 from .errors import (
-    PermanentSendError,
     SendError,
     ServerUnavailable,
     TransientSendError,
@@ -57,8 +56,7 @@ def classify(exc: BaseException) -> tuple[bool, Outcome]:
         return False, Outcome.UNKNOWN
     if isinstance(exc, TransientSendError | ConnectionError | TimeoutError):
         return False, Outcome.TRANSIENT_FAILURE
-    if isinstance(exc, PermanentSendError):
-        return True, Outcome.PERMANENT_FAILURE
+    # PermanentSendError, and whatever else a transport raised.
     return True, Outcome.PERMANENT_FAILURE
 
 

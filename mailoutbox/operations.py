@@ -55,6 +55,12 @@ class Query:
 _ARRAY_PLACEHOLDER = re.compile(r"%\((in_\w+|exclude|delivery_ids)\)s")
 
 
+def driver_call(query: Query, dialect: sa.Dialect) -> tuple[str, dict[str, Any]]:
+    """SQL and parameters to run an `arrays` query with exec_driver_sql (see driver_sql)."""
+    sql, defaults = driver_sql(query.statement, dialect)
+    return sql, {**defaults, **(query.params or {})}
+
+
 @functools.lru_cache(maxsize=64)
 def driver_sql(statement: sa.Executable, dialect: sa.Dialect) -> tuple[str, dict[str, Any]]:
     """The statement compiled once for the driver, array placeholders in binary format.

@@ -31,8 +31,7 @@ T = TypeVar("T")
 
 def execute(conn: sa.Connection, query: ops.Query) -> sa.CursorResult[Any]:
     if query.arrays:
-        sql, defaults = ops.driver_sql(query.statement, conn.dialect)
-        return conn.exec_driver_sql(sql, {**defaults, **(query.params or {})})
+        return conn.exec_driver_sql(*ops.driver_call(query, conn.dialect))
     return conn.execute(query.statement, query.params or {})
 
 

@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -109,19 +108,17 @@ class Worker(WorkerSettings):
                 )
             if not claimed:
                 break
-            batch = self._deliver(claimed, lease_ends)
-            report += batch.report
-            retried_this_tick.extend(batch.retried_ids)
+            batch, retried = self._deliver(claimed, lease_ends)
+            report += batch
+            retried_this_tick.extend(retried)
             if len(claimed) < self.batch_size:
                 break
         return report
 
-    @dataclass(frozen=True)
-    class _Batch:
-        report: TickReport
-        retried_ids: list[uuid.UUID]
-
-    def _deliver(self, claimed: Sequence[ClaimedDelivery], lease_ends: float) -> Worker._Batch:
+    def _deliver(
+        self, claimed: Sequence[ClaimedDelivery], lease_ends: float
+    ) -> tuple[TickReport, list[uuid.UUID]]:
+        """Send a claimed batch and record it; answer its report and the ids retried."""
         # None: the worker is stopping and never started that send; its lease goes back.
         outcomes = self._handle_all(claimed)
         completions = [o for o in outcomes if o is not None]
@@ -143,10 +140,9 @@ class Worker(WorkerSettings):
                     raise
                 log_completion_retry(exc, delay)
                 time.sleep(delay)
-        report, retried = finish_batch(
+        return finish_batch(
             self.name, self.observer, len(claimed), completions, completed, released
         )
-        return Worker._Batch(report, retried)
 
     def _handle_all(self, claimed: Sequence[ClaimedDelivery]) -> list[Completion | None]:
         """Handle a batch on up to `concurrency` threads, each taking the next delivery.
