@@ -126,13 +126,19 @@ def normalize_address(value: str, field_name: str) -> str:
 @functools.lru_cache(maxsize=1024)
 def _normalize_address(value: str, field_name: str) -> str:
     _check_header_text(value, field_name)
-    name, addr = parseaddr(value)
+    try:
+        name, addr = parseaddr(value)
+        count = len(getaddresses([value]))
+    except RecursionError:
+        # email._parseaddr recurses once per nested comment "((((...": a hostile value
+        # must be InvalidMail, not an error that escapes validation.
+        raise InvalidMail(f"{field_name}: malformed address {value!r}", field=field_name) from None
     # parseaddr is lenient: it drops spaces inside an addr-spec ("a@exam ple.com"), keeps
     # only the first of several addresses and ignores trailing junk. Insist that the
     # addr-spec it found is written verbatim, as the whole value or inside the final <...>.
     text = value.strip()
     written = text[text.rfind("<") + 1 : -1].strip() if text.endswith(">") else text
-    if not addr or written != addr or len(getaddresses([value])) != 1:
+    if not addr or written != addr or count != 1:
         raise InvalidMail(f"{field_name}: malformed address {value!r}", field=field_name)
     # A name given as RFC 2047 encoded-words (formataddr's output) could hide a line break;
     # it is checked, and stored, decoded.
@@ -264,12 +270,15 @@ class Mail:
             values = [_source_header(v) for v in message.get_all(name, [])]
             if any(_HEADER_FORBIDDEN.search(v) for v, _ in values):
                 raise InvalidMail(f"{name} contains a control character", field=name.lower())
-            return [
-                stored_address(_decode_words(display) if encoded else display, addr)
-                for value, encoded in values
-                for display, addr in getaddresses([value])
-                if addr
-            ]
+            try:
+                return [
+                    stored_address(_decode_words(display) if encoded else display, addr)
+                    for value, encoded in values
+                    for display, addr in getaddresses([value])
+                    if addr
+                ]
+            except RecursionError:  # deeply nested comments; see _normalize_address
+                raise InvalidMail(f"{name} is malformed", field=name.lower()) from None
 
         senders = addresses("From")
         subject_value = message.get("Subject")

@@ -523,3 +523,11 @@ def test_prepare_rejects_what_is_not_a_mail() -> None:
     """prepare() takes a Mail and nothing else."""
     with pytest.raises(InvalidMail):
         prepare({"to": ["a@example.com"]}, default_sender=SENDER)  # type: ignore[arg-type]
+
+
+def test_deeply_nested_comments_in_an_address_are_invalid_mail() -> None:
+    """An address of thousands of nested '(' is InvalidMail, not a RecursionError."""
+    hostile = "(" * 5000 + "a@example.com"
+    assert (
+        rejected(Mail(template_id="t", idempotency_key="k", cc=[hostile], text="x")).field == "cc"
+    )
