@@ -65,7 +65,9 @@ async def arun(conn: AsyncConnection, plan: ops.Plan[T]) -> T:
         query = next(plan)
         while True:
             if query.arrays:
-                result = await conn.exec_driver_sql(*ops.driver_call(query, conn.dialect))
+                ops.use_binary_results(conn.sync_engine)
+                sql, params = ops.driver_call(query, conn.dialect)
+                result = await conn.exec_driver_sql(sql, params, ops.BINARY_RESULTS)
             else:
                 result = await conn.execute(query.statement, query.params or {})
             query = plan.send(ops.fetch(result, query.fetch))

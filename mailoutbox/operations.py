@@ -13,11 +13,14 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 import uuid
+import weakref
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
+import psycopg
 import sqlalchemy as sa
 
 from . import statements as st
@@ -74,6 +77,40 @@ def driver_sql(statement: sa.Executable, dialect: sa.Dialect) -> tuple[str, dict
     """
     compiled = cast(sa.ClauseElement, statement).compile(dialect=dialect)
     return _ARRAY_PLACEHOLDER.sub(r"%(\1)b", compiled.string), dict(compiled.params)
+
+
+# Execution option of driver queries; see use_binary_results.
+BINARY_RESULTS = {"mailoutbox_binary_results": True}
+_binary_engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+_binary_engines_lock = threading.Lock()
+
+
+def use_binary_results(engine: sa.Engine) -> None:
+    """Have `engine` read the rows of driver queries (BINARY_RESULTS) in binary format.
+
+    A claim returns a 1 KB body (bytea), recipient arrays and timestamps per
+    delivery: in text format their parsing (bytea as hex, arrays quoted) cost a
+    worker more than rendering the message. Binary results load into the same
+    Python types. Only our own driver queries opt in; the host's statements on
+    the same engine are untouched.
+    """
+    with _binary_engines_lock:
+        if engine not in _binary_engines:
+            sa.event.listen(engine, "before_cursor_execute", _ask_binary_results)
+            _binary_engines.add(engine)
+
+
+def _ask_binary_results(
+    conn: sa.Connection,
+    cursor: Any,
+    statement: str,
+    parameters: Any,
+    context: sa.engine.ExecutionContext | None,
+    executemany: bool,
+) -> None:
+    if context is not None and context.execution_options.get("mailoutbox_binary_results"):
+        # An asyncio engine hands over SQLAlchemy's adapter; psycopg's cursor is inside.
+        getattr(cursor, "_cursor", cursor).format = psycopg.pq.Format.BINARY
 
 
 # A plan yields Queries, is sent each one's fetched result, and returns its answer.
@@ -191,28 +228,68 @@ def payload_from_row(row: Any) -> Payload:
         body=bytes(m["body"]),
         html_body=m["html_body"],
         sender=m["sender"],
-        headers=tuple((str(n), str(v)) for n, v in m["headers"]),
+        headers=_headers(m["headers"]),
     )
 
 
-def claimed_from_row(row: Any) -> ClaimedDelivery:
-    m = row._mapping
+def _headers(stored: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((str(n), str(v)) for n, v in stored) if stored else ()
+
+
+_STATUS_OF = {s.value: s for s in Status}
+_KIND_OF = {k.value: k for k in Kind}
+
+
+def claimed_from_row(row: Sequence[Any]) -> ClaimedDelivery:
+    """A claim's row (columns in statements.CLAIM_RESULT order) as a ClaimedDelivery.
+
+    Unpacked by position: a worker decodes every row it sends, and name lookups
+    through the row's mapping cost as much as the rest of the conversion.
+    """
+    (
+        delivery_id,
+        template_id,
+        idempotency_key,
+        attempts,
+        created_at,
+        cycle_started_at,
+        expires_at,
+        claim_token,
+        locked_until,
+        previous_status,
+        claimed_at,
+        content_type,
+        subject,
+        body,
+        html_body,
+        sender,
+        headers,
+        addresses,
+        kinds,
+    ) = row
     return ClaimedDelivery(
-        delivery_id=m["delivery_id"],
-        template_id=m["template_id"],
-        idempotency_key=m["idempotency_key"],
-        attempts=m["attempts"],
-        created_at=m["created_at"],
-        cycle_started_at=m["cycle_started_at"],
-        expires_at=m["expires_at"],
-        claim_token=m["claim_token"],
-        claimed_at=m["claimed_at"],
-        locked_until=m["locked_until"],
-        previous_status=Status(m["previous_status"]),
-        payload=payload_from_row(row),
+        delivery_id=delivery_id,
+        template_id=template_id,
+        idempotency_key=idempotency_key,
+        attempts=attempts,
+        created_at=created_at,
+        cycle_started_at=cycle_started_at,
+        expires_at=expires_at,
+        claim_token=claim_token,
+        claimed_at=claimed_at,
+        locked_until=locked_until,
+        previous_status=_STATUS_OF[previous_status],
+        payload=Payload(
+            content_type=content_type,
+            subject=subject,
+            body=bytes(body),
+            html_body=html_body,
+            sender=sender,
+            headers=_headers(headers),
+        ),
         recipients=tuple(
-            Recipient(address, Kind(kind))
-            for address, kind in zip(m["addresses"] or (), m["kinds"] or (), strict=False)
+            Recipient(address, _KIND_OF[kind])
+            for address, kind in zip(addresses or (), kinds or (), strict=False)
         ),
     )
 

@@ -31,7 +31,9 @@ T = TypeVar("T")
 
 def execute(conn: sa.Connection, query: ops.Query) -> sa.CursorResult[Any]:
     if query.arrays:
-        return conn.exec_driver_sql(*ops.driver_call(query, conn.dialect))
+        ops.use_binary_results(conn.engine)
+        sql, params = ops.driver_call(query, conn.dialect)
+        return conn.exec_driver_sql(sql, params, ops.BINARY_RESULTS)
     return conn.execute(query.statement, query.params or {})
 
 

@@ -32,6 +32,11 @@ def test_claim_status_filter_is_literal_so_the_partial_index_applies() -> None:
     assert "status IN ('pending', 'retrying', 'sending')" in text
 
 
+def test_claim_returns_its_columns_in_the_order_rows_are_unpacked() -> None:
+    """operations.claimed_from_row unpacks claim rows by position: the order must agree."""
+    assert [c.name for c in st.claim_due(T).selected_columns] == list(st.CLAIM_RESULT)
+
+
 def test_completion_is_fenced_by_claim_token_and_sending_status() -> None:
     """Completion matches only the current lease holder's rows."""
     text = sql(st.complete_claimed(T))
