@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
@@ -47,6 +47,7 @@ from .delivery import (
 )
 from .outbox import Outbox, translate_missing_schema
 from .records import ClaimedDelivery, Completion
+from .schema import Status
 from .transports.base import Transport, close_transport
 
 log = logging.getLogger(__name__)
@@ -90,65 +91,123 @@ class Worker(WorkerSettings):
         Safe to call from a host's scheduler every few seconds, from several
         processes at once: claims never overlap. A delivery is claimed at most
         once per tick, even when its retry is due at once.
+
+        Batches overlap: while the send threads work on one batch, the main
+        thread records the outcome of the previous batch and claims the next
+        one, in a single transaction. Rendering and sending are thus hidden
+        behind database round trips, and each batch costs one commit, not two.
         """
         report = TickReport()
-        retried_this_tick: list[uuid.UUID] = []
-        # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
-        while not self._stopping.is_set() and not self.pause.remaining():
-            lease_ends = time.monotonic() + self.lease.total_seconds()
-            with translate_missing_schema(self.outbox.schema), self.engine.begin() as conn:
-                claimed = self.store.claim_due(
-                    conn,
-                    limit=self.batch_size,
-                    worker=self.name,
-                    lease_seconds=self.lease.total_seconds(),
-                    # Only retried rows can come due again in this tick; sent and
-                    # dead-lettered ones are out of reach of the claim anyway.
-                    exclude=retried_this_tick,
-                )
-            if not claimed:
-                break
-            batch, retried = self._deliver(claimed, lease_ends)
-            report += batch
-            retried_this_tick.extend(retried)
-            if len(claimed) < self.batch_size:
-                break
+        exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
+        sent: _SentBatch | None = None  # sends done, outcome not recorded yet
+        claimed: list[ClaimedDelivery] = []
+        lease_ends = 0.0
+        try:
+            if self._may_claim():
+                _, claimed, lease_ends = self._record_then_claim(None, True, exclude)
+            while claimed:
+                wait_for_sends = self._start_sends(claimed)
+                try:
+                    more = len(claimed) == self.batch_size and self._may_claim()
+                    next_claimed: list[ClaimedDelivery] = []
+                    next_lease_ends = 0.0
+                    if sent is not None or more:
+                        recorded, next_claimed, next_lease_ends = self._record_then_claim(
+                            sent, more, exclude
+                        )
+                        report += recorded
+                        sent = None
+                finally:
+                    # Even when recording failed, the sends in flight finish and are kept.
+                    sent = _SentBatch(claimed, wait_for_sends(), lease_ends, sent)
+                claimed, lease_ends = next_claimed, next_lease_ends
+        finally:
+            # The last batch (or, after a failure, every batch whose sends are done).
+            while sent is not None:
+                report += self._record_alone(sent)
+                sent = sent.earlier
         return report
 
-    def _deliver(
-        self, claimed: Sequence[ClaimedDelivery], lease_ends: float
-    ) -> tuple[TickReport, list[uuid.UUID]]:
-        """Send a claimed batch and record it; answer its report and the ids retried."""
-        # None: the worker is stopping and never started that send; its lease goes back.
-        outcomes = self._handle_all(claimed)
-        completions = [o for o in outcomes if o is not None]
-        unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
-        # The sends are done: losing their outcome to a passing database failure would
-        # send the whole batch again after the lease. Completion is fenced, hence safe to
-        # repeat; keep trying while the lease still holds.
-        for delay in completion_retry_delays(lease_ends):
+    def _may_claim(self) -> bool:
+        # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
+        return not self._stopping.is_set() and not self.pause.remaining()
+
+    def _record_then_claim(
+        self, sent: _SentBatch | None, claim: bool, exclude: list[uuid.UUID]
+    ) -> tuple[TickReport, list[ClaimedDelivery], float]:
+        """Record `sent` and, if `claim`, lease the next batch: one transaction.
+
+        Answers the recorded batch's report, the claimed deliveries and when
+        their lease ends (time.monotonic()). If the transaction fails on a
+        passing database error, `sent` is recorded on its own, with retries,
+        and nothing is claimed.
+        """
+        if sent is not None:
+            # Only retried rows can come due again in this tick; sent and
+            # dead-lettered ones are out of reach of the claim anyway.
+            exclude.extend(c.delivery_id for c in sent.completions if c.status is Status.RETRYING)
+        lease_ends = time.monotonic() + self.lease.total_seconds()
+        claimed: list[ClaimedDelivery] = []
+        try:
+            with translate_missing_schema(self.outbox.schema), self.engine.begin() as conn:
+                outcome = None if sent is None else self._record(conn, sent)
+                if claim:
+                    claimed = self.store.claim_due(
+                        conn,
+                        limit=self.batch_size,
+                        worker=self.name,
+                        lease_seconds=self.lease.total_seconds(),
+                        exclude=exclude,
+                    )
+        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+            if sent is None:
+                raise
+            return self._record_alone(sent), [], lease_ends
+        if sent is None or outcome is None:
+            return TickReport(), claimed, lease_ends
+        return self._finish(sent, *outcome), claimed, lease_ends
+
+    def _record(self, conn: sa.Connection, sent: _SentBatch) -> tuple[set[uuid.UUID], int]:
+        """Write a batch's completions and hand back its unsent leases; answer both counts."""
+        completed = self.store.complete(conn, sent.completions)
+        released = sum(
+            self.store.release(conn, [c.delivery_id for c in group], token)
+            for token, group in by_claim_token(sent.unsent)
+        )
+        return completed, released
+
+    def _record_alone(self, sent: _SentBatch) -> TickReport:
+        """Record a batch in its own transaction, retried while its lease holds.
+
+        The sends are done: losing their outcome to a passing database failure
+        would send the whole batch again after the lease. Completion is fenced,
+        hence safe to repeat.
+        """
+        for delay in completion_retry_delays(sent.lease_ends):
             try:
                 with self.engine.begin() as conn:
-                    completed = self.store.complete(conn, completions)
-                    released = sum(
-                        self.store.release(conn, [c.delivery_id for c in group], token)
-                        for token, group in by_claim_token(unsent)
-                    )
+                    outcome = self._record(conn, sent)
                 break
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
                 if delay is None:
                     raise
                 log_completion_retry(exc, delay)
                 time.sleep(delay)
-        return finish_batch(
-            self.name, self.observer, len(claimed), completions, completed, released
+        return self._finish(sent, *outcome)
+
+    def _finish(self, sent: _SentBatch, completed: set[uuid.UUID], released: int) -> TickReport:
+        report, _ = finish_batch(
+            self.name, self.observer, len(sent.claimed), sent.completions, completed, released
         )
+        return report
 
-    def _handle_all(self, claimed: Sequence[ClaimedDelivery]) -> list[Completion | None]:
-        """Handle a batch on up to `concurrency` threads, each taking the next delivery.
+    def _start_sends(
+        self, claimed: Sequence[ClaimedDelivery]
+    ) -> Callable[[], list[Completion | None]]:
+        """Start handling a batch on up to `concurrency` threads; answer a wait for the outcomes.
 
-        One task per thread rather than one per delivery: a Future per message
-        cost as much as rendering it.
+        One task per thread, each taking the next delivery, rather than one per
+        delivery: a Future per message cost as much as rendering it.
         """
         outcomes: list[Completion | None] = [None] * len(claimed)
         positions = iter(range(len(claimed)))
@@ -164,9 +223,13 @@ class Worker(WorkerSettings):
 
         pool = self._executor()
         tasks = [pool.submit(work) for _ in range(min(self.concurrency, len(claimed)))]
-        for task in tasks:
-            task.result()
-        return outcomes
+
+        def wait() -> list[Completion | None]:
+            for task in tasks:
+                task.result()
+            return outcomes
+
+        return wait
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -288,6 +351,25 @@ class Worker(WorkerSettings):
             self._pool.shutdown(wait=True)
             self._pool = None
         close_transport(self.transport)
+
+
+class _SentBatch:
+    """A claimed batch whose sends are over, waiting to be recorded."""
+
+    def __init__(
+        self,
+        claimed: Sequence[ClaimedDelivery],
+        outcomes: Sequence[Completion | None],
+        lease_ends: float,
+        earlier: _SentBatch | None = None,
+    ) -> None:
+        self.claimed = claimed
+        self.lease_ends = lease_ends
+        # None: the worker stopped or paused before that send; its lease goes back.
+        self.completions = [o for o in outcomes if o is not None]
+        self.unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
+        # A batch still to record when recording this one's successor failed.
+        self.earlier = earlier
 
 
 class _Listener:

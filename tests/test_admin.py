@@ -18,6 +18,7 @@ from mailoutbox import (
     Status,
 )
 from mailoutbox.records import AttemptRecord, Completion
+from mailoutbox.store import Store
 
 from .factories import make_mail, row_counts
 from .test_store_claim import claim, complete, expire_leases
@@ -247,3 +248,33 @@ def test_unmigrated_database_raises_schema_not_migrated(empty_db_url: sa.URL) ->
             outbox.count_by_status()
     finally:
         engine.dispose()
+
+
+def test_a_claim_token_exists_exactly_while_a_delivery_is_sending(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """Completion is fenced by the claim token alone: every transition must keep this true."""
+    sent = finish(engine, outbox, Status.SENT, Outcome.SENT)
+    dead = finish(engine, outbox, Status.DEAD_LETTERED, Outcome.PERMANENT_FAILURE, "550 no")
+    outbox.enqueue_many([make_mail(), make_mail()])
+    released, in_flight = claim(engine, outbox)
+    retrying = finish(engine, outbox, Status.RETRYING, Outcome.TRANSIENT_FAILURE, "451 later")
+    with engine.begin() as conn:
+        assert Store().release(conn, [released.delivery_id], released.claim_token) == 1
+    outbox.resend(dead)
+    outbox.cancel(retrying)
+    with engine.connect() as conn:
+        rows = dict(
+            conn.execute(
+                sa.text("SELECT delivery_id, status FROM mailoutbox.mail_deliveries")
+            ).all()
+        )
+        mismatched = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM mailoutbox.mail_deliveries"
+                " WHERE (claim_token IS NOT NULL) <> (status = 'sending')"
+            )
+        ).scalar_one()
+    assert rows[sent] == "sent" and rows[dead] == "pending" and rows[retrying] == "cancelled"
+    assert rows[released.delivery_id] == "pending" and rows[in_flight.delivery_id] == "sending"
+    assert mismatched == 0

@@ -37,11 +37,11 @@ def test_claim_returns_its_columns_in_the_order_rows_are_unpacked() -> None:
     assert [c.name for c in st.claim_due(T).selected_columns] == list(st.CLAIM_RESULT)
 
 
-def test_completion_is_fenced_by_claim_token_and_sending_status() -> None:
-    """Completion matches only the current lease holder's rows."""
+def test_completion_is_fenced_by_claim_token_and_found_by_primary_key() -> None:
+    """Completion matches only the current lease holder's rows, looked up by id."""
     text = sql(st.complete_claimed(T))
     assert "mail_deliveries.claim_token = completion_input.claim_token" in text
-    assert "mail_deliveries.status = 'sending'" in text
+    assert "mail_deliveries.delivery_id = any(%(in_delivery_id)s::UUID[])" in text
 
 
 def test_builders_are_built_once_per_schema() -> None:
