@@ -25,12 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import operations as ops
 from .delivery import (
+    SentBatch,
     TickReport,
     WorkerSettings,
     backoff_after_loop_failure,
-    by_claim_token,
     completion_retry_delays,
-    finish_batch,
     log_completion_retry,
 )
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail
@@ -273,59 +272,102 @@ class AsyncWorker(WorkerSettings):
         self._pool: ThreadPoolExecutor | None = None
 
     async def tick(self) -> TickReport:
-        """Deliver everything due now, batch after batch (see Worker.tick)."""
+        """Deliver everything due now, batch after batch (see Worker.tick).
+
+        As in Worker.tick, batches overlap: the sends of one batch run as tasks
+        while the previous batch is recorded and the next claimed, in one
+        transaction.
+        """
         report = TickReport()
-        retried_this_tick: list[uuid.UUID] = []
-        while not self._stopping.is_set() and not self.pause.remaining():
-            lease_ends = time.monotonic() + self.lease.total_seconds()
-            with translate_missing_schema(self.outbox.schema):
-                async with self.engine.begin() as conn:
-                    claimed = await self.store.claim_due(
-                        conn,
-                        limit=self.batch_size,
-                        worker=self.name,
-                        lease_seconds=self.lease.total_seconds(),
-                        exclude=retried_this_tick,
-                    )
-            if not claimed:
-                break
-            batch, retried = await self._deliver(claimed, lease_ends)
-            report += batch
-            retried_this_tick.extend(retried)
-            if len(claimed) < self.batch_size:
-                break
+        exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
+        sent: SentBatch | None = None  # sends done, outcome not recorded yet
+        claimed: list[ClaimedDelivery] = []
+        lease_ends = 0.0
+        try:
+            if self._may_claim():
+                _, claimed, lease_ends = await self._record_then_claim(None, True, exclude)
+            while claimed:
+                sending = asyncio.ensure_future(self._handle_all(claimed))
+                try:
+                    more = len(claimed) == self.batch_size and self._may_claim()
+                    next_claimed: list[ClaimedDelivery] = []
+                    next_lease_ends = 0.0
+                    if sent is not None or more:
+                        recorded, next_claimed, next_lease_ends = await self._record_then_claim(
+                            sent, more, exclude
+                        )
+                        report += recorded
+                        sent = None
+                finally:
+                    # Even when recording failed, the sends in flight finish and are kept.
+                    sent = SentBatch(claimed, await sending, lease_ends, sent)
+                claimed, lease_ends = next_claimed, next_lease_ends
+        finally:
+            while sent is not None:
+                report += await self._record_alone(sent)
+                sent = sent.earlier
         return report
 
-    async def _deliver(
-        self, claimed: Sequence[ClaimedDelivery], lease_ends: float
-    ) -> tuple[TickReport, list[uuid.UUID]]:
-        gate = asyncio.Semaphore(self.concurrency)
+    def _may_claim(self) -> bool:
+        return not self._stopping.is_set() and not self.pause.remaining()
 
-        async def handle(c: ClaimedDelivery) -> Completion | None:
-            async with gate:
-                return await self._handle(c)
+    async def _record_then_claim(
+        self, sent: SentBatch | None, claim: bool, exclude: list[uuid.UUID]
+    ) -> tuple[TickReport, list[ClaimedDelivery], float]:
+        """Record `sent` and, if `claim`, lease the next batch (see Worker._record_then_claim)."""
+        if sent is not None:
+            exclude.extend(sent.retried_ids())
+        lease_ends = time.monotonic() + self.lease.total_seconds()
+        claimed: list[ClaimedDelivery] = []
+        try:
+            with translate_missing_schema(self.outbox.schema):
+                async with self.engine.begin() as conn:
+                    outcome = None if sent is None else await self._record(conn, sent)
+                    if claim:
+                        claimed = await self.store.claim_due(
+                            conn,
+                            limit=self.batch_size,
+                            worker=self.name,
+                            lease_seconds=self.lease.total_seconds(),
+                            exclude=exclude,
+                        )
+        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+            if sent is None:
+                raise
+            return await self._record_alone(sent), [], lease_ends
+        if sent is None or outcome is None:
+            return TickReport(), claimed, lease_ends
+        return sent.finish(self.name, self.observer, *outcome), claimed, lease_ends
 
-        outcomes = await asyncio.gather(*(handle(c) for c in claimed))
-        completions = [o for o in outcomes if o is not None]
-        unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
-        # As in Worker._deliver: retry the fenced completion while the lease holds.
-        for delay in completion_retry_delays(lease_ends):
+    async def _record(self, conn: AsyncConnection, sent: SentBatch) -> tuple[set[uuid.UUID], int]:
+        completed = await self.store.complete(conn, sent.completions)
+        released = 0
+        for token, ids in sent.releases():
+            released += await self.store.release(conn, ids, token)
+        return completed, released
+
+    async def _record_alone(self, sent: SentBatch) -> TickReport:
+        """As Worker._record_alone: retried while the batch's lease holds."""
+        for delay in completion_retry_delays(sent.lease_ends):
             try:
                 async with self.engine.begin() as conn:
-                    completed = await self.store.complete(conn, completions)
-                    released = 0
-                    for token, group in by_claim_token(unsent):
-                        ids = [c.delivery_id for c in group]
-                        released += await self.store.release(conn, ids, token)
+                    outcome = await self._record(conn, sent)
                 break
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
                 if delay is None:
                     raise
                 log_completion_retry(exc, delay)
                 await asyncio.sleep(delay)
-        return finish_batch(
-            self.name, self.observer, len(claimed), completions, completed, released
-        )
+        return sent.finish(self.name, self.observer, *outcome)
+
+    async def _handle_all(self, claimed: Sequence[ClaimedDelivery]) -> list[Completion | None]:
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def handle(c: ClaimedDelivery) -> Completion | None:
+            async with gate:
+                return await self._handle(c)
+
+        return list(await asyncio.gather(*(handle(c) for c in claimed)))
 
     async def _handle(self, claimed: ClaimedDelivery) -> Completion | None:
         if self._stopping.is_set() or self.pause.remaining():

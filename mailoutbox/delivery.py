@@ -318,6 +318,47 @@ def finish_batch(
     return report, retried
 
 
+class SentBatch:
+    """A claimed batch whose sends are over, waiting to be recorded (both workers)."""
+
+    def __init__(
+        self,
+        claimed: Sequence[ClaimedDelivery],
+        outcomes: Sequence[Completion | None],
+        lease_ends: float,
+        earlier: SentBatch | None = None,
+    ) -> None:
+        self.claimed = claimed
+        self.lease_ends = lease_ends
+        # None: the worker stopped or paused before that send; its lease goes back.
+        self.completions = [o for o in outcomes if o is not None]
+        self.unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
+        # A batch still to record when recording this one's successor failed.
+        self.earlier = earlier
+
+    def retried_ids(self) -> list[uuid.UUID]:
+        """Deliveries this batch puts back to retrying: not to be claimed again this tick."""
+        return [c.delivery_id for c in self.completions if c.status is Status.RETRYING]
+
+    def releases(self) -> Iterator[tuple[uuid.UUID, list[uuid.UUID]]]:
+        """(claim token, ids) of the leases to hand back unsent."""
+        for token, group in by_claim_token(self.unsent):
+            yield token, [c.delivery_id for c in group]
+
+    def finish(
+        self,
+        worker: str,
+        observer: WorkerObserver | None,
+        completed: Set[uuid.UUID],
+        released: int,
+    ) -> TickReport:
+        """Report the batch once its record is committed (log, observer)."""
+        report, _ = finish_batch(
+            worker, observer, len(self.claimed), self.completions, completed, released
+        )
+        return report
+
+
 def by_claim_token(
     claimed: Sequence[ClaimedDelivery],
 ) -> Iterator[tuple[uuid.UUID, list[ClaimedDelivery]]]:

@@ -33,21 +33,19 @@ import sqlalchemy as sa
 from .delivery import (
     EXPIRED_REASON,
     MAX_ERROR_TEXT,
+    SentBatch,
     TickReport,
     WorkerObserver,
     WorkerSettings,
     backoff_after_loop_failure,
     bounded,
-    by_claim_token,
     check_worker_settings,
     completion_retry_delays,
     default_worker_name,
-    finish_batch,
     log_completion_retry,
 )
 from .outbox import Outbox, translate_missing_schema
 from .records import ClaimedDelivery, Completion
-from .schema import Status
 from .transports.base import Transport, close_transport
 
 log = logging.getLogger(__name__)
@@ -99,7 +97,7 @@ class Worker(WorkerSettings):
         """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
-        sent: _SentBatch | None = None  # sends done, outcome not recorded yet
+        sent: SentBatch | None = None  # sends done, outcome not recorded yet
         claimed: list[ClaimedDelivery] = []
         lease_ends = 0.0
         try:
@@ -119,7 +117,7 @@ class Worker(WorkerSettings):
                         sent = None
                 finally:
                     # Even when recording failed, the sends in flight finish and are kept.
-                    sent = _SentBatch(claimed, wait_for_sends(), lease_ends, sent)
+                    sent = SentBatch(claimed, wait_for_sends(), lease_ends, sent)
                 claimed, lease_ends = next_claimed, next_lease_ends
         finally:
             # The last batch (or, after a failure, every batch whose sends are done).
@@ -133,7 +131,7 @@ class Worker(WorkerSettings):
         return not self._stopping.is_set() and not self.pause.remaining()
 
     def _record_then_claim(
-        self, sent: _SentBatch | None, claim: bool, exclude: list[uuid.UUID]
+        self, sent: SentBatch | None, claim: bool, exclude: list[uuid.UUID]
     ) -> tuple[TickReport, list[ClaimedDelivery], float]:
         """Record `sent` and, if `claim`, lease the next batch: one transaction.
 
@@ -145,7 +143,7 @@ class Worker(WorkerSettings):
         if sent is not None:
             # Only retried rows can come due again in this tick; sent and
             # dead-lettered ones are out of reach of the claim anyway.
-            exclude.extend(c.delivery_id for c in sent.completions if c.status is Status.RETRYING)
+            exclude.extend(sent.retried_ids())
         lease_ends = time.monotonic() + self.lease.total_seconds()
         claimed: list[ClaimedDelivery] = []
         try:
@@ -165,18 +163,15 @@ class Worker(WorkerSettings):
             return self._record_alone(sent), [], lease_ends
         if sent is None or outcome is None:
             return TickReport(), claimed, lease_ends
-        return self._finish(sent, *outcome), claimed, lease_ends
+        return sent.finish(self.name, self.observer, *outcome), claimed, lease_ends
 
-    def _record(self, conn: sa.Connection, sent: _SentBatch) -> tuple[set[uuid.UUID], int]:
+    def _record(self, conn: sa.Connection, sent: SentBatch) -> tuple[set[uuid.UUID], int]:
         """Write a batch's completions and hand back its unsent leases; answer both counts."""
         completed = self.store.complete(conn, sent.completions)
-        released = sum(
-            self.store.release(conn, [c.delivery_id for c in group], token)
-            for token, group in by_claim_token(sent.unsent)
-        )
+        released = sum(self.store.release(conn, ids, token) for token, ids in sent.releases())
         return completed, released
 
-    def _record_alone(self, sent: _SentBatch) -> TickReport:
+    def _record_alone(self, sent: SentBatch) -> TickReport:
         """Record a batch in its own transaction, retried while its lease holds.
 
         The sends are done: losing their outcome to a passing database failure
@@ -193,13 +188,7 @@ class Worker(WorkerSettings):
                     raise
                 log_completion_retry(exc, delay)
                 time.sleep(delay)
-        return self._finish(sent, *outcome)
-
-    def _finish(self, sent: _SentBatch, completed: set[uuid.UUID], released: int) -> TickReport:
-        report, _ = finish_batch(
-            self.name, self.observer, len(sent.claimed), sent.completions, completed, released
-        )
-        return report
+        return sent.finish(self.name, self.observer, *outcome)
 
     def _start_sends(
         self, claimed: Sequence[ClaimedDelivery]
@@ -351,25 +340,6 @@ class Worker(WorkerSettings):
             self._pool.shutdown(wait=True)
             self._pool = None
         close_transport(self.transport)
-
-
-class _SentBatch:
-    """A claimed batch whose sends are over, waiting to be recorded."""
-
-    def __init__(
-        self,
-        claimed: Sequence[ClaimedDelivery],
-        outcomes: Sequence[Completion | None],
-        lease_ends: float,
-        earlier: _SentBatch | None = None,
-    ) -> None:
-        self.claimed = claimed
-        self.lease_ends = lease_ends
-        # None: the worker stopped or paused before that send; its lease goes back.
-        self.completions = [o for o in outcomes if o is not None]
-        self.unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
-        # A batch still to record when recording this one's successor failed.
-        self.earlier = earlier
 
 
 class _Listener:
