@@ -169,7 +169,8 @@ class AsyncOutbox(OutboxSettings):
 
     async def enqueue(self, mail: Mail, *, connection: Any = None) -> Enqueued:
         """Enqueue one mail; see enqueue_many."""
-        return (await self.enqueue_many([mail], connection=connection))[0]
+        plan = ops.insert_enqueue_one(self.tables, self.prepare(mail))
+        return Enqueued(*(await self._enqueue(plan, connection)))
 
     async def enqueue_many(
         self, mails: Sequence[Mail], *, connection: Any = None
@@ -179,12 +180,14 @@ class AsyncOutbox(OutboxSettings):
         See Outbox.enqueue_many: the same validation, order and duplicate rules.
         """
         plan = ops.insert_enqueue(self.tables, [self.prepare(mail) for mail in mails])
-        if connection is not None:
-            with translate_missing_schema(self.schema):
-                results = await arun(await async_connection_of(connection), plan)
-        else:
-            results = await self._autocommit(plan)
+        results = await self._enqueue(plan, connection)
         return [Enqueued(delivery_id, created) for delivery_id, created in results]
+
+    async def _enqueue(self, plan: ops.Plan[T], connection: Any) -> T:
+        if connection is None:
+            return await self._autocommit(plan)
+        with translate_missing_schema(self.schema):
+            return await arun(await async_connection_of(connection), plan)
 
     async def get_delivery(self, delivery_id: uuid.UUID | str) -> Delivery:
         return await self._read(ops.require_delivery(self.tables, as_delivery_id(delivery_id)))
@@ -274,70 +277,42 @@ class AsyncWorker(WorkerSettings):
     async def tick(self) -> TickReport:
         """Deliver everything due now, batch after batch (see Worker.tick).
 
-        As in Worker.tick, batches overlap: the sends of one batch run as tasks
-        while the previous batch is recorded and the next claimed, in one
-        transaction.
+        As in Worker.tick, the next batch is claimed while a batch sends, and a
+        batch is recorded as soon as its sends are over.
         """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
-        sent: SentBatch | None = None  # sends done, outcome not recorded yet
-        claimed: list[ClaimedDelivery] = []
-        lease_ends = 0.0
-        try:
-            if self._may_claim():
-                _, claimed, lease_ends = await self._record_then_claim(None, True, exclude)
-            while claimed:
-                sending = asyncio.ensure_future(self._handle_all(claimed))
-                try:
-                    more = len(claimed) == self.batch_size and self._may_claim()
-                    next_claimed: list[ClaimedDelivery] = []
-                    next_lease_ends = 0.0
-                    if sent is not None or more:
-                        recorded, next_claimed, next_lease_ends = await self._record_then_claim(
-                            sent, more, exclude
-                        )
-                        report += recorded
-                        sent = None
-                finally:
-                    # Even when recording failed, the sends in flight finish and are kept.
-                    sent = SentBatch(claimed, await sending, lease_ends, sent)
-                claimed, lease_ends = next_claimed, next_lease_ends
-        finally:
-            while sent is not None:
+        claimed, lease_ends = await self._claim(exclude) if self._may_claim() else ([], 0.0)
+        while claimed:
+            sending = asyncio.ensure_future(self._handle_all(claimed))
+            next_claimed: list[ClaimedDelivery] = []
+            next_lease_ends = 0.0
+            try:
+                if len(claimed) == self.batch_size and self._may_claim():
+                    next_claimed, next_lease_ends = await self._claim(exclude)
+            finally:
+                # Even when the claim failed, the sends in flight finish and are recorded.
+                sent = SentBatch(claimed, await sending, lease_ends)
                 report += await self._record_alone(sent)
-                sent = sent.earlier
+            exclude.extend(sent.retried_ids())
+            claimed, lease_ends = next_claimed, next_lease_ends
         return report
 
     def _may_claim(self) -> bool:
         return not self._stopping.is_set() and not self.pause.remaining()
 
-    async def _record_then_claim(
-        self, sent: SentBatch | None, claim: bool, exclude: list[uuid.UUID]
-    ) -> tuple[TickReport, list[ClaimedDelivery], float]:
-        """Record `sent` and, if `claim`, lease the next batch (see Worker._record_then_claim)."""
-        if sent is not None:
-            exclude.extend(sent.retried_ids())
+    async def _claim(self, exclude: Sequence[uuid.UUID]) -> tuple[list[ClaimedDelivery], float]:
         lease_ends = time.monotonic() + self.lease.total_seconds()
-        claimed: list[ClaimedDelivery] = []
-        try:
-            with translate_missing_schema(self.outbox.schema):
-                async with self.engine.begin() as conn:
-                    outcome = None if sent is None else await self._record(conn, sent)
-                    if claim:
-                        claimed = await self.store.claim_due(
-                            conn,
-                            limit=self.batch_size,
-                            worker=self.name,
-                            lease_seconds=self.lease.total_seconds(),
-                            exclude=exclude,
-                        )
-        except (sa.exc.OperationalError, sa.exc.InterfaceError):
-            if sent is None:
-                raise
-            return await self._record_alone(sent), [], lease_ends
-        if sent is None or outcome is None:
-            return TickReport(), claimed, lease_ends
-        return sent.finish(self.name, self.observer, *outcome), claimed, lease_ends
+        with translate_missing_schema(self.outbox.schema):
+            async with self.engine.begin() as conn:
+                claimed = await self.store.claim_due(
+                    conn,
+                    limit=self.batch_size,
+                    worker=self.name,
+                    lease_seconds=self.lease.total_seconds(),
+                    exclude=exclude,
+                )
+        return claimed, lease_ends
 
     async def _record(self, conn: AsyncConnection, sent: SentBatch) -> tuple[set[uuid.UUID], int]:
         completed = await self.store.complete(conn, sent.completions)

@@ -326,15 +326,12 @@ class SentBatch:
         claimed: Sequence[ClaimedDelivery],
         outcomes: Sequence[Completion | None],
         lease_ends: float,
-        earlier: SentBatch | None = None,
     ) -> None:
         self.claimed = claimed
         self.lease_ends = lease_ends
         # None: the worker stopped or paused before that send; its lease goes back.
         self.completions = [o for o in outcomes if o is not None]
         self.unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
-        # A batch still to record when recording this one's successor failed.
-        self.earlier = earlier
 
     def retried_ids(self) -> list[uuid.UUID]:
         """Deliveries this batch puts back to retrying: not to be claimed again this tick."""

@@ -90,80 +90,48 @@ class Worker(WorkerSettings):
         processes at once: claims never overlap. A delivery is claimed at most
         once per tick, even when its retry is due at once.
 
-        Batches overlap: while the send threads work on one batch, the main
-        thread records the outcome of the previous batch and claims the next
-        one, in a single transaction. Rendering and sending are thus hidden
-        behind database round trips, and each batch costs one commit, not two.
+        While the send threads work on a batch, the main thread claims the next
+        one, so rendering and sending overlap the claim's round trip. A batch's
+        outcome is recorded as soon as its sends are over, before the next
+        batch starts sending: a crash can only repeat the sends in flight. A
+        worker thus holds up to two batches: the one sending and the next.
         """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
-        sent: SentBatch | None = None  # sends done, outcome not recorded yet
-        claimed: list[ClaimedDelivery] = []
-        lease_ends = 0.0
-        try:
-            if self._may_claim():
-                _, claimed, lease_ends = self._record_then_claim(None, True, exclude)
-            while claimed:
-                wait_for_sends = self._start_sends(claimed)
-                try:
-                    more = len(claimed) == self.batch_size and self._may_claim()
-                    next_claimed: list[ClaimedDelivery] = []
-                    next_lease_ends = 0.0
-                    if sent is not None or more:
-                        recorded, next_claimed, next_lease_ends = self._record_then_claim(
-                            sent, more, exclude
-                        )
-                        report += recorded
-                        sent = None
-                finally:
-                    # Even when recording failed, the sends in flight finish and are kept.
-                    sent = SentBatch(claimed, wait_for_sends(), lease_ends, sent)
-                claimed, lease_ends = next_claimed, next_lease_ends
-        finally:
-            # The last batch (or, after a failure, every batch whose sends are done).
-            while sent is not None:
+        claimed, lease_ends = self._claim(exclude) if self._may_claim() else ([], 0.0)
+        while claimed:
+            wait_for_sends = self._start_sends(claimed)
+            next_claimed: list[ClaimedDelivery] = []
+            next_lease_ends = 0.0
+            try:
+                if len(claimed) == self.batch_size and self._may_claim():
+                    next_claimed, next_lease_ends = self._claim(exclude)
+            finally:
+                # Even when the claim failed, the sends in flight finish and are recorded.
+                sent = SentBatch(claimed, wait_for_sends(), lease_ends)
                 report += self._record_alone(sent)
-                sent = sent.earlier
+            # Only retried rows can come due again in this tick; sent and
+            # dead-lettered ones are out of reach of the claim anyway.
+            exclude.extend(sent.retried_ids())
+            claimed, lease_ends = next_claimed, next_lease_ends
         return report
 
     def _may_claim(self) -> bool:
         # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
         return not self._stopping.is_set() and not self.pause.remaining()
 
-    def _record_then_claim(
-        self, sent: SentBatch | None, claim: bool, exclude: list[uuid.UUID]
-    ) -> tuple[TickReport, list[ClaimedDelivery], float]:
-        """Record `sent` and, if `claim`, lease the next batch: one transaction.
-
-        Answers the recorded batch's report, the claimed deliveries and when
-        their lease ends (time.monotonic()). If the transaction fails on a
-        passing database error, `sent` is recorded on its own, with retries,
-        and nothing is claimed.
-        """
-        if sent is not None:
-            # Only retried rows can come due again in this tick; sent and
-            # dead-lettered ones are out of reach of the claim anyway.
-            exclude.extend(sent.retried_ids())
+    def _claim(self, exclude: Sequence[uuid.UUID]) -> tuple[list[ClaimedDelivery], float]:
+        """Lease the next batch in a short transaction; answer it and when its lease ends."""
         lease_ends = time.monotonic() + self.lease.total_seconds()
-        claimed: list[ClaimedDelivery] = []
-        try:
-            with translate_missing_schema(self.outbox.schema), self.engine.begin() as conn:
-                outcome = None if sent is None else self._record(conn, sent)
-                if claim:
-                    claimed = self.store.claim_due(
-                        conn,
-                        limit=self.batch_size,
-                        worker=self.name,
-                        lease_seconds=self.lease.total_seconds(),
-                        exclude=exclude,
-                    )
-        except (sa.exc.OperationalError, sa.exc.InterfaceError):
-            if sent is None:
-                raise
-            return self._record_alone(sent), [], lease_ends
-        if sent is None or outcome is None:
-            return TickReport(), claimed, lease_ends
-        return sent.finish(self.name, self.observer, *outcome), claimed, lease_ends
+        with translate_missing_schema(self.outbox.schema), self.engine.begin() as conn:
+            claimed = self.store.claim_due(
+                conn,
+                limit=self.batch_size,
+                worker=self.name,
+                lease_seconds=self.lease.total_seconds(),
+                exclude=exclude,
+            )
+        return claimed, lease_ends
 
     def _record(self, conn: sa.Connection, sent: SentBatch) -> tuple[set[uuid.UUID], int]:
         """Write a batch's completions and hand back its unsent leases; answer both counts."""
