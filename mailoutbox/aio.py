@@ -302,11 +302,13 @@ class AsyncWorker(WorkerSettings):
         return not self._stopping.is_set() and not self.pause.remaining()
 
     async def _claim(self, exclude: Sequence[uuid.UUID]) -> tuple[list[ClaimedDelivery], float]:
+        # One statement in autocommit, as in Worker._claim.
         lease_ends = time.monotonic() + self.lease.total_seconds()
         with translate_missing_schema(self.outbox.schema):
-            async with self.engine.begin() as conn:
+            async with self.engine.connect() as conn:
+                autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 claimed = await self.store.claim_due(
-                    conn,
+                    autocommit,
                     limit=self.batch_size,
                     worker=self.name,
                     lease_seconds=self.lease.total_seconds(),
