@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import threading
 import uuid
@@ -139,34 +140,69 @@ class EnqueueBatch:
     delivery_ids: list[uuid.UUID]
 
 
+def random_uuids(count: int) -> list[uuid.UUID]:
+    """`count` random version-4 (RFC 4122) UUIDs from a single os.urandom call.
+
+    uuid4() asks the kernel for 16 bytes each time, which cost more than the
+    rest of a mail's parameters.
+    """
+    raw = os.urandom(16 * count)
+    return [uuid.UUID(bytes=raw[i : i + 16], version=4) for i in range(0, 16 * count, 16)]
+
+
+def headers_json(headers: Sequence[tuple[str, str]]) -> str:
+    """A payload's extra headers as stored: a JSON array of [name, value] pairs."""
+    return json.dumps(headers) if headers else "[]"
+
+
 def enqueue_params(mails: Sequence[PreparedMail]) -> EnqueueBatch:
-    delivery_ids = [uuid.uuid4() for _ in mails]
-    params: dict[str, list[Any]] = {name: [] for name, _ in st.ENQUEUE_MAIL_ARRAYS}
-    params.update({name: [] for name, _ in st.ENQUEUE_RECIPIENT_ARRAYS})
-    for ordinal, (delivery_id, mail) in enumerate(zip(delivery_ids, mails, strict=True)):
-        p = mail.payload
-        for name, value in (
-            ("ordinal", ordinal),
-            ("delivery_id", delivery_id),
-            ("template_id", mail.template_id),
-            ("idempotency_key", mail.idempotency_key),
-            ("payload_id", uuid.uuid4()),
-            ("send_at", mail.send_at),
-            ("expires_at", mail.expires_at),
-            ("content_type", p.content_type),
-            ("subject", p.subject),
-            ("body", p.body),
-            ("html_body", p.html_body),
-            ("sender", p.sender),
-            ("headers", json.dumps([list(h) for h in p.headers])),
-        ):
-            params[name].append(value)
-        for position, recipient in enumerate(mail.recipients):
-            params["r_delivery_id"].append(delivery_id)
-            params["r_address"].append(recipient.address)
-            params["r_kind"].append(recipient.kind.value)
-            params["r_position"].append(position)
-    return EnqueueBatch(_array_params(params), delivery_ids)
+    """insert_enqueue's arrays for `mails`, built a column at a time."""
+    count = len(mails)
+    delivery_ids = random_uuids(count)
+    payloads = [m.payload for m in mails]
+    columns: dict[str, list[Any]] = {
+        "delivery_id": delivery_ids,
+        "template_id": [m.template_id for m in mails],
+        "idempotency_key": [m.idempotency_key for m in mails],
+        "payload_id": random_uuids(count),
+        "send_at": [m.send_at for m in mails],
+        "expires_at": [m.expires_at for m in mails],
+        "content_type": [p.content_type for p in payloads],
+        "subject": [p.subject for p in payloads],
+        "body": [p.body for p in payloads],
+        "html_body": [p.html_body for p in payloads],
+        "sender": [p.sender for p in payloads],
+        "headers": [headers_json(p.headers) for p in payloads],
+        "ordinal": list(range(count)),
+        "r_delivery_id": [
+            i for i, m in zip(delivery_ids, mails, strict=True) for _ in m.recipients
+        ],
+        "r_address": [r.address for m in mails for r in m.recipients],
+        "r_kind": [r.kind.value for m in mails for r in m.recipients],
+        "r_position": [n for m in mails for n in range(len(m.recipients))],
+    }
+    return EnqueueBatch(_array_params(columns), delivery_ids)
+
+
+def enqueue_one_params(mail: PreparedMail, delivery_id: uuid.UUID) -> dict[str, Any]:
+    """insert_enqueue_one's parameters for `mail`, proposing `delivery_id`."""
+    p = mail.payload
+    values: dict[str, Any] = {
+        "delivery_id": delivery_id,
+        "template_id": mail.template_id,
+        "idempotency_key": mail.idempotency_key,
+        "send_at": mail.send_at,
+        "expires_at": mail.expires_at,
+        "content_type": p.content_type,
+        "subject": p.subject,
+        "body": p.body,
+        "html_body": p.html_body,
+        "sender": p.sender,
+        "headers": headers_json(p.headers),
+        "r_address": [r.address for r in mail.recipients],
+        "r_kind": [r.kind.value for r in mail.recipients],
+    }
+    return {st.array_param(name): value for name, value in values.items()}
 
 
 def completion_params(completions: Sequence[Completion]) -> dict[str, list[Any]]:
@@ -308,27 +344,51 @@ def insert_enqueue(t: Tables, mails: Sequence[PreparedMail]) -> Plan[list[tuple[
     """Insert `mails`; answer (delivery_id, created) per mail, in input order.
 
     One statement for the whole batch, plus one lookup only when some mails
-    were duplicates of existing (or earlier) deliveries.
+    were duplicates of existing (or earlier) deliveries. A single mail takes
+    insert_enqueue_one, which is cheaper to encode.
     """
     if not mails:
         return []
+    if len(mails) == 1:
+        return [(yield from insert_enqueue_one(t, mails[0]))]
     batch = enqueue_params(mails)
     created = set((yield Query(st.insert_enqueue(t), batch.params, "scalars", arrays=True)))
     missing = [m for m, i in zip(mails, batch.delivery_ids, strict=True) if i not in created]
-    existing: dict[tuple[str, str], uuid.UUID] = {}
-    if missing:
-        keys = {
-            "template_id": [m.template_id for m in missing],
-            "idempotency_key": [m.idempotency_key for m in missing],
-        }
-        rows = yield Query(st.select_existing_ids(t), _array_params(keys), arrays=True)
-        existing = {(r.template_id, r.idempotency_key): r.delivery_id for r in rows}
+    existing = (yield from existing_ids(t, missing)) if missing else {}
     return [
         (proposed, True)
         if proposed in created
         else (existing[(mail.template_id, mail.idempotency_key)], False)
         for mail, proposed in zip(mails, batch.delivery_ids, strict=True)
     ]
+
+
+def insert_enqueue_one(t: Tables, mail: PreparedMail) -> Plan[tuple[uuid.UUID, bool]]:
+    """Insert one mail; answer (delivery_id, created), as insert_enqueue does for a batch.
+
+    The statement reports how many recipients it wrote, none for a duplicate.
+    Only then is the id looked up, and it still counts as created if it is the
+    one proposed (a mail without recipients, which prepare() never lets through).
+    """
+    [proposed] = random_uuids(1)
+    params = enqueue_one_params(mail, proposed)
+    if (yield Query(st.insert_enqueue_one(t), params, "rowcount", arrays=True)):
+        return proposed, True
+    existing = yield from existing_ids(t, [mail])
+    delivery_id = existing[(mail.template_id, mail.idempotency_key)]
+    return delivery_id, delivery_id == proposed
+
+
+def existing_ids(
+    t: Tables, mails: Sequence[PreparedMail]
+) -> Plan[dict[tuple[str, str], uuid.UUID]]:
+    """The delivery ids already stored for the (template_id, idempotency_key) of `mails`."""
+    keys = {
+        "template_id": [m.template_id for m in mails],
+        "idempotency_key": [m.idempotency_key for m in mails],
+    }
+    rows = yield Query(st.select_existing_ids(t), _array_params(keys), arrays=True)
+    return {(r.template_id, r.idempotency_key): r.delivery_id for r in rows}
 
 
 def claim_due(

@@ -149,9 +149,11 @@ class Outbox(OutboxSettings):
 
     # enqueue
 
+    @_translated
     def enqueue(self, mail: Mail, *, connection: Any = None) -> Enqueued:
         """Enqueue one mail; see enqueue_many for the transaction rules."""
-        return self.enqueue_many([mail], connection=connection)[0]
+        plan = ops.insert_enqueue_one(self.tables, self.prepare(mail))
+        return Enqueued(*self._enqueue(plan, connection))
 
     @_translated
     def enqueue_many(self, mails: Sequence[Mail], *, connection: Any = None) -> list[Enqueued]:
@@ -168,12 +170,14 @@ class Outbox(OutboxSettings):
         transaction usable.
         """
         plan = ops.insert_enqueue(self.tables, [self.prepare(mail) for mail in mails])
-        if connection is not None:
-            results = run(connection_of(connection), plan)
-        else:
-            # insert_enqueue writes in a single statement; the duplicate lookup only reads.
-            results = self._autocommit(plan)
+        results = self._enqueue(plan, connection)
         return [Enqueued(delivery_id, created) for delivery_id, created in results]
+
+    def _enqueue(self, plan: ops.Plan[T], connection: Any) -> T:
+        if connection is not None:
+            return run(connection_of(connection), plan)
+        # The enqueue plans write in a single statement; the duplicate lookup only reads.
+        return self._autocommit(plan)
 
     # reads
 

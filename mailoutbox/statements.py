@@ -230,6 +230,85 @@ def insert_enqueue(t: Tables) -> sa.Select[Any]:
     return sa.select(inserted.c.delivery_id).add_cte(payloads, recipients)
 
 
+# The one-mail statement's scalar parameters (bound as array_param(name), so that they
+# travel in binary format too); its recipients still come as arrays.
+ENQUEUE_ONE_MAIL_PARAMS = tuple(
+    (name, typ) for name, typ in ENQUEUE_MAIL_ARRAYS if name not in ("payload_id", "ordinal")
+)
+ENQUEUE_ONE_RECIPIENT_ARRAYS = (("r_address", sa.Text), ("r_kind", sa.Text))
+
+
+@functools.lru_cache(maxsize=32)
+def insert_enqueue_one(t: Tables) -> sa.Insert:
+    """insert_enqueue for a single mail, with scalar parameters.
+
+    The same rows, conflict rule and guarantees as insert_enqueue: on a
+    duplicate (template_id, idempotency_key) ON CONFLICT DO NOTHING inserts no
+    delivery, so the payload and recipients (selected from the inserted
+    delivery) are not written either, and nothing raises. Its row count is the
+    number of recipients written: 0 for a duplicate. One-element arrays cost
+    the client more to encode than the whole insert costs the server, and a
+    statement without result rows is cheaper for SQLAlchemy to run, hence
+    scalars and no RETURNING.
+    """
+    d, p, r = t.deliveries, t.payloads, t.recipients
+    v = {name: sa.bindparam(array_param(name), type_=typ) for name, typ in ENQUEUE_ONE_MAIL_PARAMS}
+    inserted = (
+        pg.insert(d)
+        .values(
+            delivery_id=v["delivery_id"],
+            template_id=v["template_id"],
+            idempotency_key=v["idempotency_key"],
+            status=_lit(Status.PENDING),
+            next_attempt_at=sa.func.coalesce(v["send_at"], _NOW),
+            payload_id=sa.func.gen_random_uuid(),
+            expires_at=v["expires_at"],
+            cycle_started_at=sa.func.coalesce(v["send_at"], _NOW),
+        )
+        .on_conflict_do_nothing(index_elements=["template_id", "idempotency_key"])
+        .returning(d.c.delivery_id, d.c.payload_id)
+        .cte("inserted_delivery")
+    )
+    payload = (
+        pg.insert(p)
+        .from_select(
+            ["payload_id", "content_type", "subject", "body", "html_body", "sender", "headers"],
+            sa.select(
+                inserted.c.payload_id,
+                v["content_type"],
+                v["subject"],
+                v["body"],
+                v["html_body"],
+                v["sender"],
+                sa.cast(v["headers"], pg.JSONB),
+            ),
+        )
+        .cte("inserted_payload")
+    )
+    rows = (
+        sa.func.unnest(*(_array(array_param(c), typ) for c, typ in ENQUEUE_ONE_RECIPIENT_ARRAYS))
+        .table_valued(
+            *(sa.column(c, typ) for c, typ in ENQUEUE_ONE_RECIPIENT_ARRAYS),
+            with_ordinality="r_ordinal",
+        )
+        .render_derived(name="recipient_rows")
+    )
+    return (
+        pg.insert(r)
+        .from_select(
+            ["recipient_id", "delivery_id", "address", "kind", "position"],
+            sa.select(
+                sa.func.gen_random_uuid(),
+                inserted.c.delivery_id,
+                rows.c.r_address,
+                rows.c.r_kind,
+                sa.cast(rows.c.r_ordinal - sa.literal_column("1"), sa.SmallInteger),
+            ).select_from(inserted.join(rows, sa.true())),
+        )
+        .add_cte(inserted, payload)
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def select_existing_ids(t: Tables) -> sa.Select[Any]:
     """The delivery ids for (template_id, idempotency_key) pairs, for duplicate enqueues."""
