@@ -277,26 +277,40 @@ class AsyncWorker(WorkerSettings):
     async def tick(self) -> TickReport:
         """Deliver everything due now, batch after batch (see Worker.tick).
 
-        As in Worker.tick, the next batch is claimed while a batch sends, and a
-        batch is recorded as soon as its sends are over.
+        As in Worker.tick, the next batch is claimed (on a connection of its
+        own) while a batch sends and is recorded, and a batch is recorded as
+        soon as its sends are over, before the next one starts sending.
         """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
-        claimed, lease_ends = await self._claim(exclude) if self._may_claim() else ([], 0.0)
-        while claimed:
-            sending = asyncio.ensure_future(self._handle_all(claimed))
-            next_claimed: list[ClaimedDelivery] = []
-            next_lease_ends = 0.0
-            try:
+        if not self._may_claim():
+            return report
+        next_claim: asyncio.Future[tuple[list[ClaimedDelivery], float]] | None
+        next_claim = asyncio.ensure_future(self._claim([]))
+        try:
+            while next_claim is not None:
+                claimed, lease_ends = await next_claim
+                next_claim = None
+                if not claimed:
+                    break
                 if len(claimed) == self.batch_size and self._may_claim():
-                    next_claimed, next_lease_ends = await self._claim(exclude)
-            finally:
-                # Even when the claim failed, the sends in flight finish and are recorded.
-                sent = SentBatch(claimed, await sending, lease_ends)
+                    # As in Worker.tick: keep this batch out of the claim ahead.
+                    ahead = exclude + [c.delivery_id for c in claimed]
+                    next_claim = asyncio.ensure_future(self._claim(ahead))
+                sent = SentBatch(claimed, await self._handle_all(claimed), lease_ends)
                 report += await self._record_alone(sent)
-            exclude.extend(sent.retried_ids())
-            claimed, lease_ends = next_claimed, next_lease_ends
+                exclude.extend(sent.retried_ids())
+        finally:
+            if next_claim is not None:
+                await self._hand_back(next_claim)
         return report
+
+    async def _hand_back(self, claim: asyncio.Future[tuple[list[ClaimedDelivery], float]]) -> None:
+        """Release a batch claimed ahead when the tick failed before sending it (best effort)."""
+        with contextlib.suppress(Exception):
+            claimed, lease_ends = await claim
+            if claimed:
+                await self._record_alone(SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
         return not self._stopping.is_set() and not self.pause.remaining()

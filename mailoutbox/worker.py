@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
@@ -80,6 +80,7 @@ class Worker(WorkerSettings):
         self.engine = outbox.engine
         self._stopping = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
+        self._claim_thread: ThreadPoolExecutor | None = None
 
     # --- one pass -----------------------------------------------------------------------
 
@@ -90,31 +91,50 @@ class Worker(WorkerSettings):
         processes at once: claims never overlap. A delivery is claimed at most
         once per tick, even when its retry is due at once.
 
-        While the send threads work on a batch, the main thread claims the next
-        one, so rendering and sending overlap the claim's round trip. A batch's
-        outcome is recorded as soon as its sends are over, before the next
-        batch starts sending: a crash can only repeat the sends in flight. A
-        worker thus holds up to two batches: the one sending and the next.
+        The next batch is claimed on a thread (and connection) of its own while
+        the current batch sends and is recorded, so a claim's round trip is off
+        the critical path. A batch's outcome is recorded as soon as its sends
+        are over, before the next batch starts sending: a crash can only repeat
+        the sends of one batch. A worker thus holds up to two batches: the one
+        sending and the next.
         """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
-        claimed, lease_ends = self._claim(exclude) if self._may_claim() else ([], 0.0)
-        while claimed:
-            wait_for_sends = self._start_sends(claimed)
-            next_claimed: list[ClaimedDelivery] = []
-            next_lease_ends = 0.0
-            try:
+        if not self._may_claim():
+            return report
+        next_claim: Future[tuple[list[ClaimedDelivery], float]] | None = self._claimer().submit(
+            self._claim, list(exclude)
+        )
+        try:
+            while next_claim is not None:
+                claimed, lease_ends = next_claim.result()
+                next_claim = None
+                if not claimed:
+                    break
                 if len(claimed) == self.batch_size and self._may_claim():
-                    next_claimed, next_lease_ends = self._claim(exclude)
-            finally:
-                # Even when the claim failed, the sends in flight finish and are recorded.
-                sent = SentBatch(claimed, wait_for_sends(), lease_ends)
+                    # This claim may run after the batch is recorded: keep the batch
+                    # out of it, whatever comes back due (retried, handed back).
+                    ahead = exclude + [c.delivery_id for c in claimed]
+                    next_claim = self._claimer().submit(self._claim, ahead)
+                sent = SentBatch(claimed, self._start_sends(claimed)(), lease_ends)
                 report += self._record_alone(sent)
-            # Only retried rows can come due again in this tick; sent and
-            # dead-lettered ones are out of reach of the claim anyway.
-            exclude.extend(sent.retried_ids())
-            claimed, lease_ends = next_claimed, next_lease_ends
+                # Only retried rows can come due again in this tick; sent and
+                # dead-lettered ones are out of reach of the claim anyway.
+                exclude.extend(sent.retried_ids())
+        finally:
+            if next_claim is not None:
+                self._hand_back(next_claim)
         return report
+
+    def _hand_back(self, claim: Future[tuple[list[ClaimedDelivery], float]]) -> None:
+        """Release a batch claimed ahead when the tick failed before sending it (best effort).
+
+        If this fails too, its leases simply run out.
+        """
+        with contextlib.suppress(Exception):
+            claimed, lease_ends = claim.result()
+            if claimed:
+                self._record_alone(SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
         # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
@@ -191,6 +211,14 @@ class Worker(WorkerSettings):
             return outcomes
 
         return wait
+
+    def _claimer(self) -> ThreadPoolExecutor:
+        # One thread: claims run one at a time, beside the sends and the records.
+        if self._claim_thread is None:
+            self._claim_thread = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="mailoutbox-claim"
+            )
+        return self._claim_thread
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -307,10 +335,11 @@ class Worker(WorkerSettings):
         self._stopping.set()
 
     def close(self) -> None:
-        """Release the send threads and the transport's connections."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Release the send and claim threads and the transport's connections."""
+        for pool in (self._pool, self._claim_thread):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._claim_thread = None
         close_transport(self.transport)
 
 
