@@ -419,6 +419,43 @@ def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
     assert row_counts(engine)["mail_attempts"] == 2
 
 
+def test_stop_hands_back_the_batch_claimed_ahead_with_its_attempt(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """The next batch, claimed while the first one sends, goes back untouched on stop."""
+    outbox.enqueue_many([make_mail() for _ in range(12)])
+    both_in_flight = threading.Barrier(3)
+    release = threading.Event()
+
+    def handler(envelope: Envelope) -> None:
+        both_in_flight.wait(10)
+        release.wait(10)
+
+    transport = MemoryTransport(handler)
+    w = worker(outbox, transport, concurrency=2, batch_size=6)
+    stop = threading.Event()
+    runner = threading.Thread(target=w.run, kwargs={"stop": stop, "handle_signals": False})
+    runner.start()
+    both_in_flight.wait(10)
+    stop.set()
+    time.sleep(0.5)
+    release.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert len(transport.sent) == 2
+    page = outbox.list_deliveries(limit=20)
+    assert page.total == 12
+    waiting = [d for d in page.items if d.status is not Status.SENT]
+    assert len(waiting) == 10
+    assert {(d.status, d.attempts) for d in waiting} == {(Status.PENDING, 0)}
+    with engine.connect() as conn:
+        leases = conn.execute(
+            sa.text("SELECT count(*) FROM mailoutbox.mail_deliveries WHERE locked_by IS NOT NULL")
+        ).scalar_one()
+    assert leases == 0
+    assert row_counts(engine)["mail_attempts"] == 2
+
+
 def test_worker_rejects_nonsense_settings(outbox: Outbox) -> None:
     """Zero batch, zero concurrency or a non-positive lease are refused up front."""
     for kwargs in ({"batch_size": 0}, {"concurrency": 0}, {"lease": timedelta(0)}):
