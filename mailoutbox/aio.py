@@ -306,11 +306,12 @@ class AsyncWorker(WorkerSettings):
         return report
 
     async def _hand_back(self, claim: asyncio.Future[tuple[list[ClaimedDelivery], float]]) -> None:
-        """Release a batch claimed ahead when the tick failed before sending it (best effort)."""
+        """Release a batch claimed ahead when the tick failed (see Worker._hand_back)."""
         with contextlib.suppress(Exception):
             claimed, lease_ends = await claim
             if claimed:
-                await self._record_alone(SentBatch(claimed, [None] * len(claimed), lease_ends))
+                async with self.engine.begin() as conn:
+                    await self._record(conn, SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
         return not self._stopping.is_set() and not self.pause.remaining()

@@ -127,14 +127,16 @@ class Worker(WorkerSettings):
         return report
 
     def _hand_back(self, claim: Future[tuple[list[ClaimedDelivery], float]]) -> None:
-        """Release a batch claimed ahead when the tick failed before sending it (best effort).
+        """Release a batch claimed ahead when the tick failed before sending it.
 
-        If this fails too, its leases simply run out.
+        One try, no retries: nothing of it was sent, so if the database is away
+        its leases may as well run out.
         """
         with contextlib.suppress(Exception):
             claimed, lease_ends = claim.result()
             if claimed:
-                self._record_alone(SentBatch(claimed, [None] * len(claimed), lease_ends))
+                with self.engine.begin() as conn:
+                    self._record(conn, SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
         # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
