@@ -281,43 +281,6 @@ class WorkerObserver(Protocol):
     def on_batch(self, report: TickReport, completions: Sequence[Completion]) -> None: ...
 
 
-def finish_batch(
-    worker: str,
-    observer: WorkerObserver | None,
-    claimed: int,
-    completions: Sequence[Completion],
-    completed: Set[uuid.UUID],
-    released: int,
-) -> tuple[TickReport, list[uuid.UUID]]:
-    """Report a committed batch (log, observer); answer its report and the retried ids."""
-    report = TickReport.of_batch(claimed, completions, completed, released)
-    if report.lost:
-        log.warning(
-            "%d completions were fenced off: their leases had been taken over",
-            report.lost,
-            extra={"worker": worker},
-        )
-    log.info(
-        "batch done: %d claimed, %d sent, %d retrying, %d dead-lettered",
-        report.claimed,
-        report.sent,
-        report.retried,
-        report.dead_lettered,
-        extra={"worker": worker},
-    )
-    if observer is not None:
-        try:
-            observer.on_batch(report, completions)
-        except Exception:  # observing must never break delivering
-            log.exception("worker observer failed")
-    retried = [
-        c.delivery_id
-        for c in completions
-        if c.status is Status.RETRYING and c.delivery_id in completed
-    ]
-    return report, retried
-
-
 class SentBatch:
     """A claimed batch whose sends are over, waiting to be recorded (both workers)."""
 
@@ -350,9 +313,26 @@ class SentBatch:
         released: int,
     ) -> TickReport:
         """Report the batch once its record is committed (log, observer)."""
-        report, _ = finish_batch(
-            worker, observer, len(self.claimed), self.completions, completed, released
+        report = TickReport.of_batch(len(self.claimed), self.completions, completed, released)
+        if report.lost:
+            log.warning(
+                "%d completions were fenced off: their leases had been taken over",
+                report.lost,
+                extra={"worker": worker},
+            )
+        log.info(
+            "batch done: %d claimed, %d sent, %d retrying, %d dead-lettered",
+            report.claimed,
+            report.sent,
+            report.retried,
+            report.dead_lettered,
+            extra={"worker": worker},
         )
+        if observer is not None:
+            try:
+                observer.on_batch(report, self.completions)
+            except Exception:  # observing must never break delivering
+                log.exception("worker observer failed")
         return report
 
 

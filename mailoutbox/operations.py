@@ -95,6 +95,9 @@ def use_binary_results(engine: sa.Engine) -> None:
     Python types. Only our own driver queries opt in; the host's statements on
     the same engine are untouched.
     """
+    # Called before every driver query: the lock is only for an engine's first time.
+    if engine in _binary_engines:
+        return
     with _binary_engines_lock:
         if engine not in _binary_engines:
             sa.event.listen(engine, "before_cursor_execute", _ask_binary_results)

@@ -103,7 +103,7 @@ class Worker(WorkerSettings):
         if not self._may_claim():
             return report
         next_claim: Future[tuple[list[ClaimedDelivery], float]] | None = self._claimer().submit(
-            self._claim, list(exclude)
+            self._claim, []
         )
         try:
             while next_claim is not None:
