@@ -384,11 +384,9 @@ def test_run_poll_only_finds_mail_without_listen(outbox: Outbox) -> None:
     assert len(transport.sent) == 1
 
 
-def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
-    engine: sa.Engine, outbox: Outbox
-) -> None:
-    """On stop: sends in flight complete, unstarted leases are released, none are left."""
-    outbox.enqueue_many([make_mail() for _ in range(6)])
+def stop_with_two_sends_in_flight(outbox: Outbox, mails: int) -> MemoryTransport:
+    """Run a worker (batches of 6, 2 send threads) and stop it while two sends hang."""
+    outbox.enqueue_many([make_mail() for _ in range(mails)])
     both_in_flight = threading.Barrier(3)
     release = threading.Event()
 
@@ -407,15 +405,27 @@ def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
     release.set()
     runner.join(10)
     assert not runner.is_alive()
+    return transport
+
+
+def leases_held(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        leases: int = conn.execute(
+            sa.text("SELECT count(*) FROM mailoutbox.mail_deliveries WHERE locked_by IS NOT NULL")
+        ).scalar_one()
+    return leases
+
+
+def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """On stop: sends in flight complete, unstarted leases are released, none are left."""
+    transport = stop_with_two_sends_in_flight(outbox, 6)
     counts = outbox.count_by_status()
     assert counts[Status.SENT] == len(transport.sent) == 2
     assert counts[Status.PENDING] == 4
     assert counts[Status.SENDING] == 0
-    with engine.connect() as conn:
-        leases = conn.execute(
-            sa.text("SELECT count(*) FROM mailoutbox.mail_deliveries WHERE locked_by IS NOT NULL")
-        ).scalar_one()
-    assert leases == 0
+    assert leases_held(engine) == 0
     assert row_counts(engine)["mail_attempts"] == 2
 
 
@@ -423,36 +433,14 @@ def test_stop_hands_back_the_batch_claimed_ahead_with_its_attempt(
     engine: sa.Engine, outbox: Outbox
 ) -> None:
     """The next batch, claimed while the first one sends, goes back untouched on stop."""
-    outbox.enqueue_many([make_mail() for _ in range(12)])
-    both_in_flight = threading.Barrier(3)
-    release = threading.Event()
-
-    def handler(envelope: Envelope) -> None:
-        both_in_flight.wait(10)
-        release.wait(10)
-
-    transport = MemoryTransport(handler)
-    w = worker(outbox, transport, concurrency=2, batch_size=6)
-    stop = threading.Event()
-    runner = threading.Thread(target=w.run, kwargs={"stop": stop, "handle_signals": False})
-    runner.start()
-    both_in_flight.wait(10)
-    stop.set()
-    time.sleep(0.5)
-    release.set()
-    runner.join(10)
-    assert not runner.is_alive()
+    transport = stop_with_two_sends_in_flight(outbox, 12)
     assert len(transport.sent) == 2
     page = outbox.list_deliveries(limit=20)
     assert page.total == 12
     waiting = [d for d in page.items if d.status is not Status.SENT]
     assert len(waiting) == 10
     assert {(d.status, d.attempts) for d in waiting} == {(Status.PENDING, 0)}
-    with engine.connect() as conn:
-        leases = conn.execute(
-            sa.text("SELECT count(*) FROM mailoutbox.mail_deliveries WHERE locked_by IS NOT NULL")
-        ).scalar_one()
-    assert leases == 0
+    assert leases_held(engine) == 0
     assert row_counts(engine)["mail_attempts"] == 2
 
 
