@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
@@ -80,7 +80,6 @@ class Worker(WorkerSettings):
         self.engine = outbox.engine
         self._stopping = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
-        self._claim_thread: ThreadPoolExecutor | None = None
 
     # --- one pass -----------------------------------------------------------------------
 
@@ -91,52 +90,25 @@ class Worker(WorkerSettings):
         processes at once: claims never overlap. A delivery is claimed at most
         once per tick, even when its retry is due at once.
 
-        The next batch is claimed on a thread (and connection) of its own while
-        the current batch sends and is recorded, so a claim's round trip is off
-        the critical path. A batch's outcome is recorded as soon as its sends
-        are over, before the next batch starts sending: a crash can only repeat
-        the sends of one batch. A worker thus holds up to two batches: the one
-        sending and the next.
+        Each batch is claimed, sent and recorded before the next is claimed. A
+        worker therefore holds one batch at a time: a batch claimed ahead would
+        be charged an attempt every time a poison mail kills the worker, and
+        innocent mail would run out of attempts with it.
         """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
-        if not self._may_claim():
-            return report
-        next_claim: Future[tuple[list[ClaimedDelivery], float]] | None = self._claimer().submit(
-            self._claim, []
-        )
-        try:
-            while next_claim is not None:
-                claimed, lease_ends = next_claim.result()
-                next_claim = None
-                if not claimed:
-                    break
-                if len(claimed) == self.batch_size and self._may_claim():
-                    # This claim may run after the batch is recorded: keep the batch
-                    # out of it, whatever comes back due (retried, handed back).
-                    ahead = exclude + [c.delivery_id for c in claimed]
-                    next_claim = self._claimer().submit(self._claim, ahead)
-                sent = SentBatch(claimed, self._start_sends(claimed)(), lease_ends)
-                report += self._record_alone(sent)
-                # Only retried rows can come due again in this tick; sent and
-                # dead-lettered ones are out of reach of the claim anyway.
-                exclude.extend(sent.retried_ids())
-        finally:
-            if next_claim is not None:
-                self._hand_back(next_claim)
+        while self._may_claim():
+            claimed, lease_ends = self._claim(exclude)
+            if not claimed:
+                break
+            sent = SentBatch(claimed, self._start_sends(claimed)(), lease_ends)
+            report += self._record_alone(sent)
+            # Only retried rows can come due again in this tick; sent and
+            # dead-lettered ones are out of reach of the claim anyway.
+            exclude.extend(sent.retried_ids())
+            if len(claimed) < self.batch_size:
+                break
         return report
-
-    def _hand_back(self, claim: Future[tuple[list[ClaimedDelivery], float]]) -> None:
-        """Release a batch claimed ahead when the tick failed before sending it.
-
-        One try, no retries: nothing of it was sent, so if the database is away
-        its leases may as well run out.
-        """
-        with contextlib.suppress(Exception):
-            claimed, lease_ends = claim.result()
-            if claimed:
-                with self.engine.begin() as conn:
-                    self._record(conn, SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
         # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
@@ -213,14 +185,6 @@ class Worker(WorkerSettings):
             return outcomes
 
         return wait
-
-    def _claimer(self) -> ThreadPoolExecutor:
-        # One thread: claims run one at a time, beside the sends and the records.
-        if self._claim_thread is None:
-            self._claim_thread = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="mailoutbox-claim"
-            )
-        return self._claim_thread
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -337,11 +301,10 @@ class Worker(WorkerSettings):
         self._stopping.set()
 
     def close(self) -> None:
-        """Release the send and claim threads and the transport's connections."""
-        for pool in (self._pool, self._claim_thread):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._pool = self._claim_thread = None
+        """Release the send threads and the transport's connections."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         close_transport(self.transport)
 
 
