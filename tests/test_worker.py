@@ -429,10 +429,10 @@ def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
     assert row_counts(engine)["mail_attempts"] == 2
 
 
-def test_stop_hands_back_the_batch_claimed_ahead_with_its_attempt(
+def test_stop_with_more_mail_due_leaves_no_lease_and_charges_no_unsent_mail(
     engine: sa.Engine, outbox: Outbox
 ) -> None:
-    """The next batch, claimed while the first one sends, goes back untouched on stop."""
+    """Stopped mid-batch with a second batch due: every unsent mail is pending, attempt 0."""
     transport = stop_with_two_sends_in_flight(outbox, 12)
     assert len(transport.sent) == 2
     page = outbox.list_deliveries(limit=20)
