@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.charset import Charset
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.headerregistry import BaseHeader
@@ -55,6 +56,7 @@ _HEADER_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u0085\ud800-\udf
 # Lone surrogates cannot be encoded as UTF-8 at all.
 _BODY_FORBIDDEN = re.compile("[\x00\ud800-\udfff]")
 # Characters that force a display name into quotes (RFC 5322 specials and runs of spaces).
+_UTF8 = Charset("utf-8")
 _NAME_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]|\s\s|^\s|\s$')
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable ASCII but ':'
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
@@ -110,8 +112,12 @@ def stored_address(name: str, addr: str) -> str:
     """`name <addr>` as stored: like formataddr, but a non-ASCII name stays readable.
 
     formataddr would RFC 2047-encode it, which is what an operator then reads in
-    the CLI; encoding belongs to render time.
+    the CLI; encoding belongs to render time. The one exception is a name that
+    contains "=?": stored as written, render would read it as an RFC 2047
+    encoded-word and send different text, so it is stored encoded.
     """
+    if "=?" in name:
+        return f"{_UTF8.header_encode(name)} <{addr}>"
     if name.isascii():
         return formataddr((name, addr))
     if _NAME_SPECIALS.search(name):

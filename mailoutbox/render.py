@@ -202,8 +202,9 @@ def _split_address(stored: str) -> tuple[str, str]:
 
 
 def _decode_name(name: str) -> str:
-    # Stored display names come from email.utils.formataddr, which RFC 2047-encodes
-    # non-ASCII names; decode them so they can be re-encoded and folded properly.
+    # A stored display name holds an RFC 2047 encoded-word only when the name itself
+    # contains "=?" (mail.stored_address); decode it so it is re-encoded and folded
+    # like any other name.
     if "=?" not in name:
         return name
     try:

@@ -163,6 +163,19 @@ def test_long_display_name_is_split_into_rfc2047_words() -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["\u200b=?utf-8?q?x?=", "Zoë =?utf-8?b?eA==?= Ng", "a =?x"])
+def test_display_name_that_looks_encoded_is_sent_as_written(name: str) -> None:
+    """A name containing "=?" reaches the recipient as written, not decoded as RFC 2047.
+
+    (An ASCII name written as an encoded-word is read as one: that is what
+    formataddr produces for a non-ASCII name.)
+    """
+    data = rendered(prepared(sender=formataddr((name, "s@example.com")))).message
+    assert_wire_format(data)
+    parsed = parse(data)["From"].addresses[0]
+    assert (parsed.display_name, parsed.addr_spec) == (name, "s@example.com")
+
+
 def test_many_recipients_are_folded() -> None:
     """A long To list is folded between addresses, every line within 78 columns."""
     to = [f"User Number {i} <user{i}@example.com>" for i in range(200)]
