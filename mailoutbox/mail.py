@@ -251,6 +251,11 @@ class Mail:
     outbox's `default_sender`. `send_at` delays the first attempt; after
     `expires_at` the delivery is dead-lettered (reason ``expired``) instead of
     sent. Both must be timezone-aware.
+
+    `headers` values are text. Printable ASCII is written as given, so structured
+    headers such as List-Unsubscribe keep their syntax; anything else, including
+    ASCII a reader would decode as an RFC 2047 encoded-word, is sent encoded so
+    the recipient reads exactly the value given.
     """
 
     template_id: str

@@ -56,6 +56,8 @@ _PLAIN_TEXT = re.compile(r"[!-~](?:[ -~]*[!-~])?")
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 # Split points for folding: a token is a run of non-spaces with the spaces before it,
 # so folding before a token never leaves trailing whitespace on the line above.
+# What email.header and the policy.default parser take for the start of an encoded-word.
+_ENCODED_WORD_START = re.compile(r"=\?[^?]*\?[bBqQ]\?")
 _TOKEN = re.compile(r" *[^ ]+| +$")
 # Bytes that rule out 7bit for text: controls other than tab and LF (CR is normalised away).
 _NOT_7BIT_TEXT = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f-\xff]")
@@ -291,8 +293,11 @@ def _plain_subject(value: str) -> bool:
 
 def _plain_value(value: str) -> bool:
     # Extra headers may be structured (List-Unsubscribe, ...): printable ASCII is
-    # written untouched, whatever it contains.
-    return not value or (value.isascii() and value.isprintable())
+    # written untouched, unless a reader would decode part of it as an RFC 2047
+    # encoded-word and so show different text.
+    return not value or (
+        value.isascii() and value.isprintable() and _ENCODED_WORD_START.search(value) is None
+    )
 
 
 def _unstructured_header(name: str, value: str, *, plain_ok: Callable[[str], bool]) -> bytes:

@@ -176,6 +176,14 @@ def test_display_name_that_looks_encoded_is_sent_as_written(name: str) -> None:
     assert (parsed.display_name, parsed.addr_spec) == (name, "s@example.com")
 
 
+@pytest.mark.parametrize("value", ["=??Q??=", "see =?utf-8?q?x?= here", "=?US-ASCII?B?eA==?="])
+def test_header_value_that_looks_encoded_is_sent_as_written(value: str) -> None:
+    """An extra header's value reads back as given even when it looks like RFC 2047."""
+    data = rendered(prepared(headers={"X-Note": value})).message
+    assert_wire_format(data)
+    assert parse(data)["X-Note"] == value
+
+
 def test_many_recipients_are_folded() -> None:
     """A long To list is folded between addresses, every line within 78 columns."""
     to = [f"User Number {i} <user{i}@example.com>" for i in range(200)]
