@@ -275,19 +275,40 @@ class AsyncWorker(WorkerSettings):
         self._pool: ThreadPoolExecutor | None = None
 
     async def tick(self) -> TickReport:
-        """Deliver everything due now, batch after batch (see Worker.tick)."""
+        """Deliver everything due now, batch after batch (see Worker.tick).
+
+        As in Worker.tick, the next batch is claimed (on a connection of its own)
+        while a batch is recorded, never while one sends.
+        """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
-        while self._may_claim():
-            claimed, lease_ends = await self._claim(exclude)
-            if not claimed:
-                break
+        if not self._may_claim():
+            return report
+        claimed, lease_ends = await self._claim(exclude)
+        while claimed:
             sent = SentBatch(claimed, await self._handle_all(claimed), lease_ends)
-            report += await self._record_alone(sent)
             exclude.extend(sent.retried_ids())
-            if len(claimed) < self.batch_size:
-                break
+            next_claim: asyncio.Future[tuple[list[ClaimedDelivery], float]] | None = None
+            if len(claimed) == self.batch_size and self._may_claim():
+                # As in Worker.tick: keep this batch out of the claim beside its record.
+                ahead = exclude + [c.delivery_id for c in claimed]
+                next_claim = asyncio.ensure_future(self._claim(ahead))
+            try:
+                report += await self._record_alone(sent)
+            except BaseException:
+                if next_claim is not None:
+                    await self._hand_back(next_claim)
+                raise
+            claimed, lease_ends = await next_claim if next_claim is not None else ([], 0.0)
         return report
+
+    async def _hand_back(self, claim: asyncio.Future[tuple[list[ClaimedDelivery], float]]) -> None:
+        """Release a batch claimed beside a record that failed (see Worker._hand_back)."""
+        with contextlib.suppress(Exception):
+            claimed, lease_ends = await claim
+            if claimed:
+                async with self.engine.begin() as conn:
+                    await self._record(conn, SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
         return not self._stopping.is_set() and not self.pause.remaining()

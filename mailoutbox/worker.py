@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
@@ -80,6 +80,7 @@ class Worker(WorkerSettings):
         self.engine = outbox.engine
         self._stopping = threading.Event()
         self._pool: ThreadPoolExecutor | None = None
+        self._claim_thread: ThreadPoolExecutor | None = None
 
     # --- one pass -----------------------------------------------------------------------
 
@@ -90,25 +91,47 @@ class Worker(WorkerSettings):
         processes at once: claims never overlap. A delivery is claimed at most
         once per tick, even when its retry is due at once.
 
-        Each batch is claimed, sent and recorded before the next is claimed. A
-        worker therefore holds one batch at a time: a batch claimed ahead would
-        be charged an attempt every time a poison mail kills the worker, and
-        innocent mail would run out of attempts with it.
+        A batch is claimed, sent, then recorded; the next batch is claimed on a
+        connection of its own while that record is written, and sends only once
+        it is committed. So a crash repeats the sends of one batch at most, and
+        a batch is never claimed (and charged an attempt) while another sends: a
+        poison mail that kills its worker mid-send charges its own batch alone.
         """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
-        while self._may_claim():
-            claimed, lease_ends = self._claim(exclude)
-            if not claimed:
-                break
+        if not self._may_claim():
+            return report
+        claimed, lease_ends = self._claim(exclude)
+        while claimed:
             sent = SentBatch(claimed, self._start_sends(claimed)(), lease_ends)
-            report += self._record_alone(sent)
             # Only retried rows can come due again in this tick; sent and
             # dead-lettered ones are out of reach of the claim anyway.
             exclude.extend(sent.retried_ids())
-            if len(claimed) < self.batch_size:
-                break
+            next_claim: Future[tuple[list[ClaimedDelivery], float]] | None = None
+            if len(claimed) == self.batch_size and self._may_claim():
+                # The record below may commit while this claim runs: keep the whole
+                # batch out of it, whatever comes back due (retried, handed back).
+                ahead = exclude + [c.delivery_id for c in claimed]
+                next_claim = self._claimer().submit(self._claim, ahead)
+            try:
+                report += self._record_alone(sent)
+            except BaseException:
+                if next_claim is not None:
+                    self._hand_back(next_claim)
+                raise
+            claimed, lease_ends = next_claim.result() if next_claim is not None else ([], 0.0)
         return report
+
+    def _hand_back(self, claim: Future[tuple[list[ClaimedDelivery], float]]) -> None:
+        """Release a batch claimed beside a record that failed; nothing of it was sent.
+
+        One try: if the database is away, its leases may as well run out.
+        """
+        with contextlib.suppress(Exception):
+            claimed, lease_ends = claim.result()
+            if claimed:
+                with self.engine.begin() as conn:
+                    self._record(conn, SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
         # While paused (mail server unavailable) nothing is claimed: no attempt is wasted.
@@ -185,6 +208,14 @@ class Worker(WorkerSettings):
             return outcomes
 
         return wait
+
+    def _claimer(self) -> ThreadPoolExecutor:
+        # One thread: claims run one at a time, beside the record of the batch before.
+        if self._claim_thread is None:
+            self._claim_thread = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="mailoutbox-claim"
+            )
+        return self._claim_thread
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -301,10 +332,11 @@ class Worker(WorkerSettings):
         self._stopping.set()
 
     def close(self) -> None:
-        """Release the send threads and the transport's connections."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Release the send and claim threads and the transport's connections."""
+        for pool in (self._pool, self._claim_thread):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._claim_thread = None
         close_transport(self.transport)
 
 

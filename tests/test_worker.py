@@ -416,6 +416,20 @@ def leases_held(engine: sa.Engine) -> int:
     return leases
 
 
+def test_no_batch_is_claimed_while_another_sends(engine: sa.Engine, outbox: Outbox) -> None:
+    """Each send sees one batch leased: the next is claimed only once the sends are over.
+
+    A batch claimed while another sends would be charged an attempt each time a
+    poison mail in the sending batch killed the worker.
+    """
+    outbox.enqueue_many([make_mail() for _ in range(15)])
+    leased_during_send: list[int] = []
+    transport = MemoryTransport(lambda envelope: leased_during_send.append(leases_held(engine)))
+    report = worker(outbox, transport, batch_size=5, concurrency=2).tick()
+    assert report == TickReport(claimed=15, sent=15)
+    assert leased_during_send == [5] * 15
+
+
 def test_stop_finishes_sends_in_flight_and_hands_back_the_rest(
     engine: sa.Engine, outbox: Outbox
 ) -> None:

@@ -105,6 +105,8 @@ def test_sigkill_at_boundary_loses_nothing(
     else:
         assert dups == 0
     if boundary == "committing":
-        assert sent_at_kill == 3 * BATCH and leased_at_kill == 0
+        # The fourth batch is claimed beside the third's record, never before its
+        # sends are over: it may be leased at the kill, but none of it was sent.
+        assert sent_at_kill == 3 * BATCH and leased_at_kill in (0, BATCH)
     if boundary == "claimed":
         assert sent_at_kill == 2 * BATCH and leased_at_kill == BATCH
