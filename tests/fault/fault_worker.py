@@ -141,7 +141,10 @@ def main() -> None:
     parser.add_argument("--stats")
     args = parser.parse_args()
 
-    url = sa.make_url(args.url).update_query_dict({"application_name": APPLICATION_NAME})
+    # Named per worker, so a test can wait for a killed worker's backends to end.
+    url = sa.make_url(args.url).update_query_dict(
+        {"application_name": f"{APPLICATION_NAME}/{args.name}"}
+    )
     engine = sa.create_engine(url, pool_size=2, max_overflow=2)
     outbox = Outbox(engine)
     if args.hook in ("completing", "committing"):

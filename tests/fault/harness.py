@@ -173,6 +173,23 @@ def sent(engine: sa.Engine) -> int:
     )
 
 
+def backends_of(engine: sa.Engine, name: str) -> int:
+    """Server backends still open for worker `name` (see fault_worker's application_name)."""
+    return int(
+        scalar(
+            engine,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :app",
+            app=f"{APPLICATION_NAME}/{name}",
+        )
+    )
+
+
+def wait_for_backends_to_end(engine: sa.Engine, name: str) -> None:
+    """After a SIGKILL: a statement the worker had sent (a claim, a COMMIT) still runs to
+    its end on the server; its backend exits only then, when it reads the closed socket."""
+    wait_for(lambda: backends_of(engine, name) == 0, 10, f"the backends of {name} to end", 0.02)
+
+
 def leased_by(engine: sa.Engine, name: str) -> int:
     return int(
         scalar(

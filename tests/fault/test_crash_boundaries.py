@@ -30,6 +30,7 @@ from .harness import (
     received_count,
     sent,
     wait_for,
+    wait_for_backends_to_end,
 )
 
 DELIVERIES = 60
@@ -67,9 +68,9 @@ def test_sigkill_at_boundary_loses_nothing(
         killed_at = time.monotonic()
         assert code == -9, f"the victim exited with {code}, not by SIGKILL"
         # Let the server finish with the dead connections and PostgreSQL with the dead
-        # backend (a COMMIT on the wire is still carried out).
+        # backends (a COMMIT or a claim on the wire is still carried out).
         wait_for(lambda: sink.open_connections == 0, 10, "the victim's SMTP sessions to close")
-        time.sleep(0.3)
+        wait_for_backends_to_end(engine, "victim")
         sink.delays = {}
         received_at_kill = received_count(sink)
         sent_at_kill = sent(engine)

@@ -161,9 +161,9 @@ def test_workers_survive_terminated_backends(
                     conn.execute(
                         sa.text(
                             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                            " WHERE datname = current_database() AND application_name = :app"
+                            " WHERE datname = current_database() AND application_name LIKE :app"
                         ),
-                        {"app": APPLICATION_NAME},
+                        {"app": f"{APPLICATION_NAME}/%"},
                     ).scalars()
                 )
             time.sleep(0.4)
