@@ -55,8 +55,8 @@ _HEADER_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u0085\ud800-\udf
 # Bodies may hold line breaks and tabs, but no NUL (PostgreSQL text cannot store it).
 # Lone surrogates cannot be encoded as UTF-8 at all.
 _BODY_FORBIDDEN = re.compile("[\x00\ud800-\udfff]")
-# Characters that force a display name into quotes (RFC 5322 specials and runs of spaces).
 _UTF8 = Charset("utf-8")
+# Characters that force a display name into quotes (RFC 5322 specials and runs of spaces).
 _NAME_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]|\s\s|^\s|\s$')
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable ASCII but ':'
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")

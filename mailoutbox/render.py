@@ -54,10 +54,10 @@ _B64_LINE = 76
 _PLAIN_TEXT = re.compile(r"[!-~](?:[ -~]*[!-~])?")
 # A display name made of RFC 5322 atoms separated by single spaces needs no quoting.
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-# Split points for folding: a token is a run of non-spaces with the spaces before it,
-# so folding before a token never leaves trailing whitespace on the line above.
 # What email.header and the policy.default parser take for the start of an encoded-word.
 _ENCODED_WORD_START = re.compile(r"=\?[^?]*\?[bBqQ]\?")
+# Split points for folding: a token is a run of non-spaces with the spaces before it,
+# so folding before a token never leaves trailing whitespace on the line above.
 _TOKEN = re.compile(r" *[^ ]+| +$")
 # Bytes that rule out 7bit for text: controls other than tab and LF (CR is normalised away).
 _NOT_7BIT_TEXT = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f-\xff]")
