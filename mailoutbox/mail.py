@@ -15,15 +15,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.charset import Charset
-from email.errors import HeaderParseError
-from email.header import decode_header, make_header
 from email.headerregistry import BaseHeader
 from email.message import EmailMessage, Message
 from email.utils import formataddr, getaddresses, parseaddr
 
 from .errors import InvalidMail
 from .records import Payload, Recipient
-from .render import seven_bit_message
+from .render import decode_encoded_words, seven_bit_message
 from .schema import Kind
 
 DEFAULT_MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
@@ -157,7 +155,7 @@ def _normalize_address(value: str, field_name: str) -> str:
         raise InvalidMail(f"{field_name}: malformed address {value!r}", field=field_name)
     # A name given as RFC 2047 encoded-words (formataddr's output) could hide a line break;
     # it is checked, and stored, decoded.
-    name = _decode_words(name)
+    name = decode_encoded_words(name)
     if _HEADER_FORBIDDEN.search(name):
         raise InvalidMail(
             f"{field_name} display name contains a control character or line break",
@@ -232,15 +230,6 @@ def _source_header(value: object) -> tuple[str, bool]:
     return _FOLDING.sub("", str(value)), True
 
 
-def _decode_words(text: str) -> str:
-    if "=?" not in text:
-        return text
-    try:
-        return str(make_header(decode_header(text)))
-    except (HeaderParseError, LookupError, UnicodeError, ValueError):
-        return text
-
-
 @dataclass(frozen=True)
 class Mail:
     """One e-mail to enqueue.
@@ -299,7 +288,7 @@ class Mail:
                 raise InvalidMail(f"{name} contains a control character", field=name.lower())
             try:
                 return [
-                    stored_address(_decode_words(display) if encoded else display, addr)
+                    stored_address(decode_encoded_words(display) if encoded else display, addr)
                     for value, encoded in values
                     for display, addr in getaddresses([value])
                     if addr
@@ -312,7 +301,7 @@ class Mail:
         subject: str | None = None
         if subject_value is not None:
             text, encoded = _source_header(subject_value)
-            subject = _decode_words(text) if encoded else text
+            subject = decode_encoded_words(text) if encoded else text
         return cls(
             template_id=template_id,
             idempotency_key=idempotency_key,

@@ -200,25 +200,28 @@ def _split_address(stored: str) -> tuple[str, str]:
         name = plain if quoted is None else _QUOTED_PAIR.sub(r"\1", quoted)
     else:
         name, addr = parseaddr(stored)
-    return _decode_name(name), addr
+    return decode_encoded_words(name), addr
 
 
-def _decode_name(name: str) -> str:
-    # A stored display name holds an RFC 2047 encoded-word only when the name itself
-    # contains "=?" (mail.stored_address); decode it so it is re-encoded and folded
-    # like any other name.
-    if "=?" not in name:
-        return name
+def decode_encoded_words(text: str) -> str:
+    """`text` with its RFC 2047 encoded-words decoded; as given if it has none or is malformed.
+
+    Validation uses it on names and subjects given encoded; render on stored display
+    names, which hold an encoded-word only when the name itself contains "=?"
+    (mail.stored_address), so that they are re-encoded and folded like any other.
+    """
+    if "=?" not in text:
+        return text
     try:
-        return str(make_header(decode_header(name)))
+        return str(make_header(decode_header(text)))
     except (HeaderParseError, LookupError, UnicodeError, ValueError):
-        return name
+        return text
 
 
 @functools.lru_cache(maxsize=1024)
 def _reply_to_pairs(value: str) -> tuple[tuple[str, str], ...]:
     # Usually one value for all of a sender's mail, and getaddresses is slow.
-    return tuple((_decode_name(n), a) for n, a in getaddresses([value]) if a)
+    return tuple((decode_encoded_words(n), a) for n, a in getaddresses([value]) if a)
 
 
 def _envelope_recipients(recipients: Iterable[Recipient]) -> tuple[str, ...]:
