@@ -59,8 +59,10 @@ _ENCODED_WORD_START = re.compile(r"=\?[^?]*\?[bBqQ]\?")
 # Split points for folding: a token is a run of non-spaces with the spaces before it,
 # so folding before a token never leaves trailing whitespace on the line above.
 _TOKEN = re.compile(r" *[^ ]+| +$")
-# Bytes that rule out 7bit for text: controls other than tab and LF (CR is normalised away).
-_NOT_7BIT_TEXT = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f-\xff]")
+# The bytes 7bit text may hold: printable ASCII, tab and LF (CR is normalised away).
+# Deleting them (bytes.translate) leaves whatever rules 7bit out; a regex scan of a
+# body cost more than the rest of its rendering.
+_7BIT_TEXT_BYTES = bytes([9, 10, *range(0x20, 0x7F)])
 _DOMAIN = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -93,9 +95,12 @@ def message_id_for(delivery_id: uuid.UUID, sender: str, *, domain: str | None = 
     allowed). The value depends only on its arguments, so every retry of a
     delivery carries the same Message-ID.
     """
-    if domain is None:
-        domain = _split_address(sender)[1].rpartition("@")[2]
-    return f"<{delivery_id}@{_check_domain(domain)}>"
+    return f"<{delivery_id}@{_check_domain(_sender_domain(sender) if domain is None else domain)}>"
+
+
+@functools.lru_cache(maxsize=256)
+def _sender_domain(sender: str) -> str:
+    return _split_address(sender)[1].rpartition("@")[2]
 
 
 def render(
@@ -124,12 +129,11 @@ def render(
     """
     sender_addr = _split_address(payload.sender)[1]
     message_id = message_id_for(delivery_id, payload.sender, domain=message_id_domain)
-    when = datetime.now(timezone.utc) if date is None else _as_utc(date)
 
     to = [r.address for r in recipients if r.kind == Kind.TO]
     cc = [r.address for r in recipients if r.kind == Kind.CC]
 
-    head: list[bytes] = [_address_header("From", [payload.sender])]
+    head: list[bytes] = [_from_header(payload.sender)]
     if to:
         head.append(_address_header("To", to))
     elif not cc:
@@ -139,7 +143,7 @@ def render(
         head.append(_address_header("Cc", cc))
     if payload.subject is not None:
         head.append(_unstructured_header("Subject", payload.subject, plain_ok=_plain_subject))
-    head.append(b"Date: " + _format_date(when).encode("ascii") + _CRLF)
+    head.append(_date_header(datetime.now(timezone.utc) if date is None else date))
     head.append(b"Message-ID: " + message_id.encode("ascii") + _CRLF)
     head.append(b"MIME-Version: 1.0\r\n")
     for name, value in payload.headers:
@@ -168,14 +172,11 @@ def _as_utc(when: datetime) -> datetime:
     return when.astimezone(timezone.utc)
 
 
-@functools.lru_cache(maxsize=4)
-def _format_date_cached(seconds: datetime) -> str:
-    return format_datetime(seconds)
-
-
-def _format_date(when: datetime) -> str:
-    # A busy worker renders many mails within the same second.
-    return _format_date_cached(when.replace(microsecond=0))
+@functools.lru_cache(maxsize=8)
+def _date_header(when: datetime) -> bytes:
+    # The mails of a claimed batch share one date (the claim's database time).
+    utc = _as_utc(when).replace(microsecond=0)
+    return b"Date: " + format_datetime(utc).encode("ascii") + _CRLF
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,10 +308,10 @@ def _unstructured_header(name: str, value: str, *, plain_ok: Callable[[str], boo
     if value == "":
         return name.encode("ascii") + b":\r\n"
     if plain_ok(value):
+        if len(name) + len(value) + 2 <= _FOLD_AT:
+            return f"{name}: {value}\r\n".encode("ascii")
         tokens = _TOKEN.findall(value)
         if max(map(len, tokens)) <= _MAX_TOKEN:
-            if len(name) + len(value) + 2 <= _FOLD_AT:
-                return f"{name}: {value}\r\n".encode("ascii")
             return _fold(name, tokens)
     first = (_FOLD_AT - len(name) - 2 - len(_EW_PREFIX) - len(_EW_SUFFIX)) // 4 * 3
     return _fold(name, _word_tokens(_encoded_words(value, min(first, _EW_MAX_BYTES))))
@@ -358,6 +359,12 @@ def _phrase_words(name: str) -> list[str]:
     if run:
         words.extend(_encoded_words(" ".join(run)))
     return words
+
+
+@functools.lru_cache(maxsize=256)
+def _from_header(sender: str) -> bytes:
+    # A worker sends most of its mail from a handful of senders.
+    return _address_header("From", [sender])
 
 
 def _address_header(name: str, addresses: Sequence[str] | Sequence[tuple[str, str]]) -> bytes:
@@ -433,8 +440,8 @@ def _encode_text(data: bytes, *, forbid: bytes | None = None) -> tuple[str, byte
     """
     data = _canonical_lines(data)
     if (
-        not _NOT_7BIT_TEXT.search(data)
-        and max(map(len, data.split(b"\n"))) <= _MAX_LINE
+        not data.translate(None, _7BIT_TEXT_BYTES)
+        and (len(data) <= _MAX_LINE or max(map(len, data.split(b"\n"))) <= _MAX_LINE)
         and (forbid is None or forbid not in data)
     ):
         return "7bit", data.replace(b"\n", _CRLF)
