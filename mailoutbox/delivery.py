@@ -150,15 +150,17 @@ class DeliveryRules:
             if refused
             else None,
         )
-        log.debug(
-            "sent delivery %s",
-            claimed.delivery_id,
-            extra={
-                "delivery_id": str(claimed.delivery_id),
-                "attempt": claimed.attempts,
-                "outcome": "sent",
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            # Guarded: building the record's fields cost more than the check, per mail.
+            log.debug(
+                "sent delivery %s",
+                claimed.delivery_id,
+                extra={
+                    "delivery_id": str(claimed.delivery_id),
+                    "attempt": claimed.attempts,
+                    "outcome": "sent",
+                },
+            )
         return self.complete(claimed, Status.SENT, attempt)
 
     def after_failure(
