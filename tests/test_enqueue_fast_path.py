@@ -82,7 +82,7 @@ def test_batch_parameters_are_the_statements_arrays_column_by_column() -> None:
     assert batch.params["in_r_kind"] == ["to", "to", "to", "bcc"]
     assert batch.params["in_r_position"] == [0, 1, 0, 1]
     assert batch.params["in_headers"] == ["[]", '[["X-Tag", "x"]]']
-    assert len(set(batch.params["in_payload_id"]) | {first, second}) == 4
+    assert first != second
 
 
 def _statements(conn: sa.Connection) -> list[str]:
