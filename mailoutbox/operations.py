@@ -121,6 +121,17 @@ def _ask_binary_results(
 Plan = Generator[Query, Any, T]
 
 
+def fetch_rows(cursor: psycopg.Cursor[Any], how: Fetch) -> Any:
+    """fetch() for a psycopg cursor (direct.DirectConnection); rows come back as tuples."""
+    if how == "all":
+        return cursor.fetchall()
+    if how == "scalars":
+        return [row[0] for row in cursor.fetchall()]
+    if how == "rowcount":
+        return cursor.rowcount
+    return None
+
+
 def fetch(result: sa.CursorResult[Any], how: Fetch) -> Any:
     """Take what a Query asked for out of a (buffered) result; shared by both stores."""
     if how == "all":
@@ -400,7 +411,7 @@ def existing_ids(
         "idempotency_key": [m.idempotency_key for m in mails],
     }
     rows = yield Query(st.select_existing_ids(t), _array_params(keys), arrays=True)
-    return {(r.template_id, r.idempotency_key): r.delivery_id for r in rows}
+    return {(template_id, key): delivery_id for template_id, key, delivery_id in rows}
 
 
 def claim_due(

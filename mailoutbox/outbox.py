@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from . import operations as ops
+from .direct import direct
 from .errors import DeliveryNotFound, SchemaNotMigrated
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail, PreparedMail, normalize_address, prepare
 from .records import Attempt, DeadLetter, Delivery, Enqueued, Page, Payload, Recipient
@@ -143,9 +144,10 @@ class Outbox(OutboxSettings):
 
     def _autocommit(self, plan: ops.Plan[T]) -> T:
         # For a plan whose writes are one statement: atomic on its own, and without
-        # BEGIN and COMMIT it costs one round trip instead of three.
-        with self.engine.connect() as conn:
-            return run(conn.execution_options(isolation_level="AUTOCOMMIT"), plan)
+        # BEGIN and COMMIT it costs one round trip instead of three. The transaction
+        # is the outbox's own, so it runs on the driver directly (see direct.py).
+        with direct(self.engine, autocommit=True) as conn:
+            return conn.run(plan)
 
     # enqueue
 

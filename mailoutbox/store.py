@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from . import operations as ops
+from .direct import DirectConnection
 from .mail import PreparedMail
 from .records import (
     Attempt,
@@ -37,8 +38,10 @@ def execute(conn: sa.Connection, query: ops.Query) -> sa.CursorResult[Any]:
     return conn.execute(query.statement, query.params or {})
 
 
-def run(conn: sa.Connection, plan: ops.Plan[T]) -> T:
+def run(conn: sa.Connection | DirectConnection, plan: ops.Plan[T]) -> T:
     """Drive a plan to its answer, executing each Query it yields on `conn`."""
+    if isinstance(conn, DirectConnection):
+        return conn.run(plan)
     try:
         query = next(plan)
         while True:
@@ -55,13 +58,13 @@ class Store:
         self.tables = schema if isinstance(schema, Tables) else tables_for(schema)
 
     def insert_enqueue(
-        self, conn: sa.Connection, mails: Sequence[PreparedMail]
+        self, conn: sa.Connection | DirectConnection, mails: Sequence[PreparedMail]
     ) -> list[tuple[uuid.UUID, bool]]:
         return run(conn, ops.insert_enqueue(self.tables, mails))
 
     def claim_due(
         self,
-        conn: sa.Connection,
+        conn: sa.Connection | DirectConnection,
         *,
         limit: int,
         worker: str,
@@ -82,7 +85,9 @@ class Store:
             ),
         )
 
-    def complete(self, conn: sa.Connection, completions: Sequence[Completion]) -> set[uuid.UUID]:
+    def complete(
+        self, conn: sa.Connection | DirectConnection, completions: Sequence[Completion]
+    ) -> set[uuid.UUID]:
         return run(conn, ops.complete(self.tables, completions))
 
     def mark_sent_if_claimed(self, conn: sa.Connection, completion: Completion) -> bool:
@@ -100,7 +105,10 @@ class Store:
         return completion.delivery_id in self.complete(conn, [completion])
 
     def release(
-        self, conn: sa.Connection, delivery_ids: Sequence[uuid.UUID], claim_token: uuid.UUID
+        self,
+        conn: sa.Connection | DirectConnection,
+        delivery_ids: Sequence[uuid.UUID],
+        claim_token: uuid.UUID,
     ) -> int:
         return run(conn, ops.release(self.tables, delivery_ids, claim_token))
 

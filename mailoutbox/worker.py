@@ -44,6 +44,7 @@ from .delivery import (
     default_worker_name,
     log_completion_retry,
 )
+from .direct import DirectConnection, direct
 from .outbox import Outbox, translate_missing_schema
 from .records import ClaimedDelivery, Completion
 from .transports.base import Transport, close_transport
@@ -130,7 +131,7 @@ class Worker(WorkerSettings):
         with contextlib.suppress(Exception):
             claimed, lease_ends = claim.result()
             if claimed:
-                with self.engine.begin() as conn:
+                with direct(self.engine) as conn:
                     self._record(conn, SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
@@ -144,9 +145,12 @@ class Worker(WorkerSettings):
         without the round trips of BEGIN and COMMIT.
         """
         lease_ends = time.monotonic() + self.lease.total_seconds()
-        with translate_missing_schema(self.outbox.schema), self.engine.connect() as conn:
+        with (
+            translate_missing_schema(self.outbox.schema),
+            direct(self.engine, autocommit=True) as conn,
+        ):
             claimed = self.store.claim_due(
-                conn.execution_options(isolation_level="AUTOCOMMIT"),
+                conn,
                 limit=self.batch_size,
                 worker=self.name,
                 lease_seconds=self.lease.total_seconds(),
@@ -154,7 +158,7 @@ class Worker(WorkerSettings):
             )
         return claimed, lease_ends
 
-    def _record(self, conn: sa.Connection, sent: SentBatch) -> tuple[set[uuid.UUID], int]:
+    def _record(self, conn: DirectConnection, sent: SentBatch) -> tuple[set[uuid.UUID], int]:
         """Write a batch's completions and hand back its unsent leases; answer both counts."""
         completed = self.store.complete(conn, sent.completions)
         released = sum(self.store.release(conn, ids, token) for token, ids in sent.releases())
@@ -169,7 +173,7 @@ class Worker(WorkerSettings):
         """
         for delay in completion_retry_delays(sent.lease_ends):
             try:
-                with self.engine.begin() as conn:
+                with direct(self.engine) as conn:
                     outcome = self._record(conn, sent)
                 break
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:

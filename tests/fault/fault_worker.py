@@ -36,6 +36,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailoutbox import Outbox, PermanentSendError
+from mailoutbox.direct import DirectConnection
 from mailoutbox.records import Completion
 from mailoutbox.retry import RetryPolicy
 from mailoutbox.transports.base import Envelope, SendResult
@@ -103,7 +104,7 @@ def hook_completion(outbox: Outbox, hook: str, hook_at: int) -> None:
     real = store.complete
     calls = 0
 
-    def complete(conn: sa.Connection, completions: Sequence[Completion]) -> Any:
+    def complete(conn: DirectConnection, completions: Sequence[Completion]) -> Any:
         nonlocal calls
         done = real(conn, completions)
         calls += 1
@@ -111,7 +112,7 @@ def hook_completion(outbox: Outbox, hook: str, hook_at: int) -> None:
             if hook == "committing":
                 # Put COMMIT on the wire ourselves, make sure it left, and die before the
                 # reply: the server commits, the worker never learns it.
-                pgconn = conn.connection.driver_connection.pgconn  # type: ignore[union-attr]
+                pgconn = conn.driver.pgconn
                 pgconn.send_query(b"COMMIT")
                 while pgconn.flush():
                     time.sleep(0.001)
