@@ -46,8 +46,10 @@ Fetch = Literal["all", "scalars", "rowcount", "none"]
 class Query:
     """One statement to execute, and which part of its result the plan wants back.
 
-    `arrays`: the statement takes array parameters (batches through unnest),
-    which are sent in psycopg's binary format (see `driver_sql`).
+    `arrays`: the statement is compiled once for the driver and run on psycopg
+    as is (`driver_sql`): the batch statements, whose array parameters (batches
+    through unnest) are sent in binary format, and any other whose parameters
+    need no SQLAlchemy processing.
     """
 
     statement: sa.Executable
@@ -363,19 +365,24 @@ def status_counts(rows: Iterable[Any]) -> dict[Status, int]:
 # --- plans --------------------------------------------------------------------------------
 
 
-def insert_enqueue(t: Tables, mails: Sequence[PreparedMail]) -> Plan[list[tuple[uuid.UUID, bool]]]:
+def insert_enqueue(
+    t: Tables, mails: Sequence[PreparedMail], *, notify_after_commit: bool = False
+) -> Plan[list[tuple[uuid.UUID, bool]]]:
     """Insert `mails`; answer (delivery_id, created) per mail, in input order.
 
     One statement for the whole batch, plus one lookup only when some mails
     were duplicates of existing (or earlier) deliveries. A single mail takes
-    insert_enqueue_one, which is cheaper to encode.
+    insert_enqueue_one, which is cheaper to encode. `notify_after_commit`: the
+    enqueue trigger stays quiet and the caller notifies once committed (notify.py).
     """
     if not mails:
         return []
     if len(mails) == 1:
-        return [(yield from insert_enqueue_one(t, mails[0]))]
+        one = insert_enqueue_one(t, mails[0], notify_after_commit=notify_after_commit)
+        return [(yield from one)]
     batch = enqueue_params(mails)
-    created = set((yield Query(st.insert_enqueue(t), batch.params, "scalars", arrays=True)))
+    statement = st.insert_enqueue(t, notify_after_commit)
+    created = set((yield Query(statement, batch.params, "scalars", arrays=True)))
     missing = [m for m, i in zip(mails, batch.delivery_ids, strict=True) if i not in created]
     existing = (yield from existing_ids(t, missing)) if missing else {}
     return [
@@ -386,7 +393,9 @@ def insert_enqueue(t: Tables, mails: Sequence[PreparedMail]) -> Plan[list[tuple[
     ]
 
 
-def insert_enqueue_one(t: Tables, mail: PreparedMail) -> Plan[tuple[uuid.UUID, bool]]:
+def insert_enqueue_one(
+    t: Tables, mail: PreparedMail, *, notify_after_commit: bool = False
+) -> Plan[tuple[uuid.UUID, bool]]:
     """Insert one mail; answer (delivery_id, created), as insert_enqueue does for a batch.
 
     The statement reports how many recipients it wrote, none for a duplicate.
@@ -395,7 +404,8 @@ def insert_enqueue_one(t: Tables, mail: PreparedMail) -> Plan[tuple[uuid.UUID, b
     """
     [proposed] = random_uuids(1)
     params = enqueue_one_params(mail, proposed)
-    if (yield Query(st.insert_enqueue_one(t), params, "rowcount", arrays=True)):
+    statement = st.insert_enqueue_one(t, notify_after_commit)
+    if (yield Query(statement, params, "rowcount", arrays=True)):
         return proposed, True
     existing = yield from existing_ids(t, [mail])
     delivery_id = existing[(mail.template_id, mail.idempotency_key)]
@@ -559,8 +569,13 @@ def resend(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:
         if current.status is Status.SENDING:
             raise InvalidTransition(delivery_id, current.status.value, "resend")
         rows = yield update
-    yield Query(st.notify_due(t), fetch="none")
+    yield from notify_due(t)
     return delivery_from_row(rows[0])
+
+
+def notify_due(t: Tables) -> Plan[None]:
+    """Wake listening workers once the transaction commits."""
+    yield Query(st.notify_due(t), fetch="none", arrays=True)
 
 
 def cancel(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:

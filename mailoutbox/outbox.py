@@ -15,6 +15,7 @@ from . import operations as ops
 from .direct import direct
 from .errors import DeliveryNotFound, SchemaNotMigrated
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail, PreparedMail, normalize_address, prepare
+from .notify import AfterCommitNotifier
 from .records import Attempt, DeadLetter, Delivery, Enqueued, Page, Payload, Recipient
 from .schema import DEFAULT_SCHEMA, Status, Tables, tables_for
 from .store import Store, run
@@ -133,6 +134,7 @@ class Outbox(OutboxSettings):
         )
         self.engine = engine
         self.store = Store(self.tables)
+        self._notifier = AfterCommitNotifier(lambda: self._autocommit(ops.notify_due(self.tables)))
 
     def _read(self, plan: ops.Plan[T]) -> T:
         with self.engine.connect() as conn:
@@ -154,8 +156,15 @@ class Outbox(OutboxSettings):
     @_translated
     def enqueue(self, mail: Mail, *, connection: Any = None) -> Enqueued:
         """Enqueue one mail; see enqueue_many for the transaction rules."""
-        plan = ops.insert_enqueue_one(self.tables, self.prepare(mail))
-        return Enqueued(*self._enqueue(plan, connection))
+        prepared = self.prepare(mail)
+        delivery_id, created = self._enqueue(
+            lambda after_commit: ops.insert_enqueue_one(
+                self.tables, prepared, notify_after_commit=after_commit
+            ),
+            connection,
+            lambda answer: answer[1],
+        )
+        return Enqueued(delivery_id, created)
 
     @_translated
     def enqueue_many(self, mails: Sequence[Mail], *, connection: Any = None) -> list[Enqueued]:
@@ -171,15 +180,36 @@ class Outbox(OutboxSettings):
         created=False; duplicates never raise and leave the caller's
         transaction usable.
         """
-        plan = ops.insert_enqueue(self.tables, [self.prepare(mail) for mail in mails])
-        results = self._enqueue(plan, connection)
+        prepared = [self.prepare(mail) for mail in mails]
+        results = self._enqueue(
+            lambda after_commit: ops.insert_enqueue(
+                self.tables, prepared, notify_after_commit=after_commit
+            ),
+            connection,
+            lambda answer: any(created for _, created in answer),
+        )
         return [Enqueued(delivery_id, created) for delivery_id, created in results]
 
-    def _enqueue(self, plan: ops.Plan[T], connection: Any) -> T:
+    def _enqueue(
+        self,
+        plan: Callable[[bool], ops.Plan[T]],
+        connection: Any,
+        created: Callable[[T], bool],
+    ) -> T:
+        """Run an enqueue plan in the caller's transaction, or in the outbox's own.
+
+        `plan(notify_after_commit)` builds it. In the outbox's own transaction,
+        while another enqueue is in flight here, workers are woken after the
+        commit by one NOTIFY for many (notify.py).
+        """
         if connection is not None:
-            return run(connection_of(connection), plan)
-        # The enqueue plans write in a single statement; the duplicate lookup only reads.
-        return self._autocommit(plan)
+            return run(connection_of(connection), plan(False))
+        with self._notifier.enqueuing() as notify_after_commit:
+            # The enqueue plans write in a single statement; the duplicate lookup only reads.
+            answer = self._autocommit(plan(notify_after_commit))
+        if notify_after_commit and created(answer):
+            self._notifier.wake()
+        return answer
 
     # reads
 

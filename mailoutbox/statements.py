@@ -147,8 +147,27 @@ ENQUEUE_RECIPIENT_ARRAYS = (
 )
 
 
+# Set for its transaction, it keeps the enqueue trigger from notifying (migration 0002):
+# the outbox then sends the NOTIFY after the commit itself (notify.py).
+NOTIFY_AFTER_COMMIT_SETTING = "mailoutbox.notify_after_commit"
+
+
+def _notify_after_commit() -> sa.CTE:
+    """A one-row CTE that sets NOTIFY_AFTER_COMMIT_SETTING when a statement joins it.
+
+    The enqueue trigger is AFTER ... FOR EACH STATEMENT: it fires once the whole
+    statement, this CTE included, has run, and so reads the setting.
+    """
+    setting = sa.func.set_config(
+        sa.literal_column(f"'{NOTIFY_AFTER_COMMIT_SETTING}'"),
+        sa.literal_column("'on'"),
+        sa.true(),  # local to the transaction
+    )
+    return sa.select(setting.label("setting")).cte("notify_after_commit")
+
+
 @functools.lru_cache(maxsize=32)
-def insert_enqueue(t: Tables) -> sa.Select[Any]:
+def insert_enqueue(t: Tables, notify_after_commit: bool = False) -> sa.Select[Any]:
     """Insert a batch of mails (payload, delivery, recipients) in one statement.
 
     Returns the delivery_id of every delivery it created. A mail whose
@@ -158,6 +177,9 @@ def insert_enqueue(t: Tables) -> sa.Select[Any]:
     inserted), so a duplicate leaves no orphan rows and never raises, leaving
     the caller's transaction usable. The foreign key from deliveries to payloads
     is checked at the end of the statement, after both CTEs have run.
+
+    `notify_after_commit`: the enqueue trigger stays quiet; the caller notifies
+    after its commit (notify.py).
     """
     d, p, r = t.deliveries, t.payloads, t.recipients
     mails = _unnest("enqueue_input", *ENQUEUE_MAIL_ARRAYS)
@@ -228,7 +250,10 @@ def insert_enqueue(t: Tables) -> sa.Select[Any]:
     )
     # Data-modifying CTEs run whether or not the main query reads them; add_cte makes
     # SQLAlchemy render the two that nothing selects from.
-    return sa.select(inserted.c.delivery_id).add_cte(payloads, recipients)
+    created = sa.select(inserted.c.delivery_id).add_cte(payloads, recipients)
+    if notify_after_commit:
+        created = created.join_from(inserted, _notify_after_commit(), sa.true())
+    return created
 
 
 # The one-mail statement's scalar parameters (bound as array_param(name), so that they
@@ -240,7 +265,7 @@ ENQUEUE_ONE_RECIPIENT_ARRAYS = (("r_address", sa.Text), ("r_kind", sa.Text))
 
 
 @functools.lru_cache(maxsize=32)
-def insert_enqueue_one(t: Tables) -> sa.Insert:
+def insert_enqueue_one(t: Tables, notify_after_commit: bool = False) -> sa.Insert:
     """insert_enqueue for a single mail, with scalar parameters.
 
     The same rows, conflict rule and guarantees as insert_enqueue: on a
@@ -250,7 +275,7 @@ def insert_enqueue_one(t: Tables) -> sa.Insert:
     number of recipients written: 0 for a duplicate. One-element arrays cost
     the client more to encode than the whole insert costs the server, and a
     statement without result rows is cheaper for SQLAlchemy to run, hence
-    scalars and no RETURNING.
+    scalars and no RETURNING. `notify_after_commit` as for insert_enqueue.
     """
     d, p, r = t.deliveries, t.payloads, t.recipients
     v = {name: sa.bindparam(array_param(name), type_=typ) for name, typ in ENQUEUE_ONE_MAIL_PARAMS}
@@ -294,6 +319,9 @@ def insert_enqueue_one(t: Tables) -> sa.Insert:
         )
         .render_derived(name="recipient_rows")
     )
+    source = inserted.join(rows, sa.true())
+    if notify_after_commit:
+        source = source.join(_notify_after_commit(), sa.true())
     return (
         pg.insert(r)
         .from_select(
@@ -304,7 +332,7 @@ def insert_enqueue_one(t: Tables) -> sa.Insert:
                 rows.c.r_address,
                 rows.c.r_kind,
                 sa.cast(rows.c.r_ordinal - sa.literal_column("1"), sa.SmallInteger),
-            ).select_from(inserted.join(rows, sa.true())),
+            ).select_from(source),
         )
         .add_cte(inserted, payload)
     )
