@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import time
 import uuid
 from typing import Any
 
@@ -28,17 +29,25 @@ def binds(statement: sa.ClauseElement) -> set[str]:
     return set(statement.compile(dialect=postgresql.dialect()).params)
 
 
-def test_random_uuids_are_distinct_rfc_4122_version_4() -> None:
-    """random_uuids makes the same kind of UUID as uuid4, and working UUID objects."""
-    ids = ops.random_uuids(2000)
+def test_new_ids_are_distinct_version_7_uuids_in_time_order() -> None:
+    """Delivery ids are RFC 9562 version 7: unique, ordered by creation time, real UUIDs."""
+    before = time.time_ns() // 1_000_000
+    ids = ops.time_ordered_uuids(2000)
+    time.sleep(0.002)
+    later = ops.time_ordered_uuids(1)[0]
+    after = time.time_ns() // 1_000_000
     assert len(set(ids)) == 2000
     for value in ids[:200]:
-        assert value.version == 4
+        assert value.version == 7
         assert value.variant == uuid.RFC_4122
+        assert before <= value.int >> 80 <= after  # milliseconds since the epoch
         assert uuid.UUID(str(value)) == value
         assert hash(uuid.UUID(bytes=value.bytes)) == hash(value)
         assert pickle.loads(pickle.dumps(value)) == value
-    assert ops.random_uuids(0) == []
+    assert all(value < later for value in ids)
+    # The random part is random: not one shared tail, not zeros.
+    assert len({value.int & ((1 << 62) - 1) for value in ids}) == 2000
+    assert ops.time_ordered_uuids(0) == []
 
 
 def test_one_mail_statement_skips_duplicates_and_reports_recipients_written() -> None:
