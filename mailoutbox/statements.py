@@ -202,9 +202,10 @@ def insert_enqueue(t: Tables, notify_after_commit: bool = False) -> sa.Select[An
                 mails.c.idempotency_key,
                 _lit(Status.PENDING),
                 sa.func.coalesce(mails.c.send_at, _NOW),
-                # Made here rather than by the client: one array and a UUID per mail less
-                # to build and send.
-                sa.func.gen_random_uuid(),
+                # The payload (one per delivery) takes its delivery's id: no UUID to make
+                # or send, and a time-ordered one (operations.time_ordered_uuids), so the
+                # payloads' primary key is appended to rather than written at random.
+                mails.c.delivery_id,
                 mails.c.expires_at,
                 sa.func.coalesce(mails.c.send_at, _NOW),
             )
@@ -287,7 +288,7 @@ def insert_enqueue_one(t: Tables, notify_after_commit: bool = False) -> sa.Inser
             idempotency_key=v["idempotency_key"],
             status=_lit(Status.PENDING),
             next_attempt_at=sa.func.coalesce(v["send_at"], _NOW),
-            payload_id=sa.func.gen_random_uuid(),
+            payload_id=v["delivery_id"],  # as in insert_enqueue
             expires_at=v["expires_at"],
             cycle_started_at=sa.func.coalesce(v["send_at"], _NOW),
         )
