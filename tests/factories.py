@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
 
-from mailoutbox import Mail
+from mailoutbox import Mail, Worker
 
 _keys = itertools.count()
 
@@ -39,3 +42,17 @@ def row_counts(engine: sa.Engine, schema: str = "mailoutbox") -> dict[str, int]:
             t: conn.execute(sa.text(f'SELECT count(*) FROM "{schema}".{t}')).scalar_one()
             for t in tables
         }
+
+
+@contextlib.contextmanager
+def running(worker: Worker) -> Iterator[None]:
+    """`worker.run()` on a thread for the block; stopped, and checked to have ended, after."""
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run, kwargs={"stop": stop, "handle_signals": False})
+    runner.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        runner.join(10)
+    assert not runner.is_alive()

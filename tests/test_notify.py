@@ -27,7 +27,7 @@ from mailoutbox.schema import tables_for
 from mailoutbox.store import run
 
 from .conftest import DEFAULT_SENDER, SCHEMA
-from .factories import make_mail
+from .factories import make_mail, running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,51 +124,43 @@ def test_enqueue_beside_another_in_flight_wakes_a_listening_worker(
     """
     transport = MemoryTransport()
     worker = Worker(sync_outbox, transport, poll_interval=timedelta(seconds=60))
-    stop = threading.Event()
-    runner = threading.Thread(target=worker.run, kwargs={"stop": stop, "handle_signals": False})
-    runner.start()
     host = engine.connect()
     host_transaction = host.begin()
     first_result: list[mailoutbox.Enqueued] = []
     try:
-        time.sleep(0.5)
-        sync_outbox.enqueue(make_mail(idempotency_key="held"), connection=host)
-        first = threading.Thread(
-            target=lambda: first_result.append(
-                sync_outbox.enqueue(make_mail(idempotency_key="held"))
+        with running(worker):
+            time.sleep(0.5)
+            sync_outbox.enqueue(make_mail(idempotency_key="held"), connection=host)
+            first = threading.Thread(
+                target=lambda: first_result.append(
+                    sync_outbox.enqueue(make_mail(idempotency_key="held"))
+                )
             )
-        )
-        first.start()
-        wait_until_blocked_on_a_lock(engine)
-        notifications(listener, wait=0.1)  # the worker's own start-up, if any
+            first.start()
+            wait_until_blocked_on_a_lock(engine)
+            notifications(listener, wait=0.1)  # the worker's own start-up, if any
 
-        second = sync_outbox.enqueue(make_mail(idempotency_key="second"))
-        deadline = time.monotonic() + 5
-        while not transport.sent and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert [m.delivery_id for m in transport.sent] == [second.delivery_id]
-        assert notifications(listener) == 1  # the notifier's, not one per transaction
+            second = sync_outbox.enqueue(make_mail(idempotency_key="second"))
+            deadline = time.monotonic() + 5
+            while not transport.sent and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert [m.delivery_id for m in transport.sent] == [second.delivery_id]
+            assert notifications(listener) == 1  # the notifier's, not one per transaction
 
-        host_transaction.commit()
-        first.join(10)
-        assert first_result and not first_result[0].created
+            host_transaction.commit()
+            first.join(10)
+            assert first_result and not first_result[0].created
     finally:
         if host_transaction.is_active:
             host_transaction.rollback()
         host.close()
-        stop.set()
-        runner.join(10)
-    assert not runner.is_alive()
 
 
 def test_many_threads_enqueuing_are_all_delivered_without_polling(sync_outbox: Outbox) -> None:
     transport = MemoryTransport()
     worker = Worker(sync_outbox, transport, poll_interval=timedelta(seconds=60))
-    stop = threading.Event()
-    runner = threading.Thread(target=worker.run, kwargs={"stop": stop, "handle_signals": False})
-    runner.start()
     ids: list[object] = []
-    try:
+    with running(worker):
         time.sleep(0.5)
 
         def enqueue_some() -> None:
@@ -183,9 +175,6 @@ def test_many_threads_enqueuing_are_all_delivered_without_polling(sync_outbox: O
         deadline = time.monotonic() + 10
         while len(transport.sent) < len(ids) and time.monotonic() < deadline:
             time.sleep(0.02)
-    finally:
-        stop.set()
-        runner.join(10)
     assert sorted(str(m.delivery_id) for m in transport.sent) == sorted(str(i) for i in ids)
 
 

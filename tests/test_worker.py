@@ -27,7 +27,7 @@ from mailoutbox.transports.memory import MemoryTransport
 from mailoutbox.worker import TickReport, Worker
 
 from .async_bridge import make_worker
-from .factories import make_mail, row_counts
+from .factories import make_mail, row_counts, running
 
 NO_DELAY = RetryPolicy(max_attempts=3, base_delay=timedelta(0), max_delay=timedelta(0))
 
@@ -347,21 +347,13 @@ def test_stale_worker_completion_is_fenced_off(engine: sa.Engine, outbox: Outbox
 def test_run_wakes_on_notify_when_mail_is_enqueued(outbox: Outbox) -> None:
     """With a long poll interval, a committed enqueue is still sent within moments."""
     transport = MemoryTransport()
-    w = worker(outbox, transport, poll_interval=timedelta(seconds=60))
-    stop = threading.Event()
-    runner = threading.Thread(target=w.run, kwargs={"stop": stop, "handle_signals": False})
-    runner.start()
-    try:
+    with running(worker(outbox, transport, poll_interval=timedelta(seconds=60))):
         time.sleep(0.5)
         started = time.monotonic()
         outbox.enqueue(make_mail())
         while not transport.sent and time.monotonic() - started < 10:
             time.sleep(0.02)
         latency = time.monotonic() - started
-    finally:
-        stop.set()
-        runner.join(10)
-    assert not runner.is_alive()
     assert len(transport.sent) == 1
     assert latency < 2.0
 
@@ -370,17 +362,11 @@ def test_run_poll_only_finds_mail_without_listen(outbox: Outbox) -> None:
     """listen=False (for poolers that drop LISTEN) still delivers by polling."""
     transport = MemoryTransport()
     w = worker(outbox, transport, listen=False, poll_interval=timedelta(milliseconds=200))
-    stop = threading.Event()
-    runner = threading.Thread(target=w.run, kwargs={"stop": stop, "handle_signals": False})
-    runner.start()
-    try:
+    with running(w):
         outbox.enqueue(make_mail())
         deadline = time.monotonic() + 10
         while not transport.sent and time.monotonic() < deadline:
             time.sleep(0.02)
-    finally:
-        stop.set()
-        runner.join(10)
     assert len(transport.sent) == 1
 
 
