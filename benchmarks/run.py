@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import _common  # noqa: E402
+import psycopg  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 import mailoutbox  # noqa: E402
@@ -231,6 +232,11 @@ class Bench:
         self.figures.append(Figure(name, value, unit))
         log(f"  {name} = {format_value(value)} {unit}")
 
+    def add_ratio(self, name: str, numerator: str, denominator: str) -> None:
+        values = {f.name: f.value for f in self.figures}
+        if numerator in values and denominator in values:
+            self.add(name, round(values[numerator] / values[denominator], 2), "ratio")
+
     def check(self, ok: bool, what: str) -> None:
         if not ok:
             self.problems.append(what)
@@ -324,14 +330,7 @@ class Bench:
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=run, args=(k,)) for k in range(THREADS)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - start
+        elapsed = self.timed_threads(run, barrier)
         if errors:
             raise errors[0]
         enqueued = [r for out in results for r in out]
@@ -354,11 +353,92 @@ class Bench:
         self.verify_enqueued("enqueue_many", enqueued, n)
         self.add("enqueue_many", round(n / elapsed), "mails/s")
 
+    # The two ceilings below measure this machine, not mailoutbox: the issue's targets
+    # were set against "the database alone" and "the commit-bound ceiling" of its
+    # machine, so every run says what those are on the machine it ran on.
+
+    def enqueue_many_db_ceiling(self) -> None:
+        """enqueue_many's own statement, with every parameter built before the clock starts.
+
+        One psycopg connection in autocommit, as the outbox's own transaction runs:
+        what is left is the server's time and the round trips, the most any client
+        could reach with this schema. Verified like enqueue_many.
+        """
+        from mailoutbox import operations as ops
+        from mailoutbox import statements as st
+
+        n = self.scale.enqueue_many
+        log(f"enqueue_many_db_ceiling: the same {n} mails and statement, parameters prebuilt")
+        self.reset()
+        prepared = [self.outbox.prepare(_common.bench_mail(i, "ceiling")) for i in range(n)]
+        statement = st.insert_enqueue(self.outbox.tables)
+        calls = [
+            ops.driver_call(
+                ops.Query(statement, ops.enqueue_params(prepared[lo : lo + BATCH]).params),
+                self.engine.dialect,
+            )
+            for lo in range(0, n, BATCH)
+        ]
+        with psycopg.connect(_common.libpq_url(self.url), autocommit=True) as conn:
+            start = time.perf_counter()
+            created = [row[0] for sql, params in calls for row in conn.execute(sql, params)]
+            elapsed = time.perf_counter() - start
+        self.check(len(set(created)) == n, f"db ceiling: {len(set(created))} created, expected {n}")
+        self.verify_rows("enqueue_many_db_ceiling", n)
+        self.add("enqueue_many_db_ceiling", round(n / elapsed), "mails/s")
+
+    def enqueue_single_commit_ceiling(self) -> None:
+        """Single-row transactions committed by THREADS psycopg threads: the commit ceiling.
+
+        The narrowest table, no index, no trigger: what one Python process with
+        THREADS threads can commit one transaction at a time on this machine.
+        """
+        n = self.scale.enqueue_single
+        table = f'"{self.schema}".bench_commit_probe'
+        log(f"enqueue_single_commit_ceiling: {n} one-row transactions, {THREADS} threads")
+        self.autocommit(f"CREATE TABLE {table} (n integer NOT NULL)")
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(THREADS + 1)
+
+        def run(k: int) -> None:
+            try:
+                with psycopg.connect(_common.libpq_url(self.url), autocommit=True) as conn:
+                    barrier.wait()
+                    for i in range(k, n, THREADS):
+                        conn.execute(f"INSERT INTO {table} VALUES (%s)", (i,))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                barrier.abort()
+
+        elapsed = self.timed_threads(run, barrier)
+        if errors:
+            raise errors[0]
+        count = self.sql(f"SELECT count(DISTINCT n) FROM {table}")[0][0]
+        self.check(count == n, f"commit ceiling: {count} rows, expected {n}")
+        self.autocommit(f"DROP TABLE {table}")
+        self.add("enqueue_single_commit_ceiling", round(n / elapsed), "transactions/s")
+
+    def timed_threads(self, run: Any, barrier: threading.Barrier) -> float:
+        """Start THREADS threads of `run(k)`; seconds from the barrier to the last one's end."""
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(THREADS)]
+        for t in threads:
+            t.start()
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()
+        start = time.perf_counter()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - start
+
     def verify_enqueued(self, label: str, enqueued: Sequence[Any], n: int) -> None:
         self.check(len(enqueued) == n, f"{label}: {len(enqueued)} results for {n} mails")
         self.check(all(r.created for r in enqueued), f"{label}: some mails were not created")
         ids = {r.delivery_id for r in enqueued}
         self.check(len(ids) == n, f"{label}: {len(ids)} distinct delivery ids for {n} mails")
+        self.verify_rows(label, n)
+
+    def verify_rows(self, label: str, n: int) -> None:
+        """One pending delivery, payload and recipient row per mail; then a clean slate."""
         rows = self.sql(
             f'SELECT (SELECT count(*) FROM "{self.schema}".mail_deliveries WHERE status = '
             f"'pending'), (SELECT count(*) FROM \"{self.schema}\".mail_payloads), "
@@ -615,8 +695,13 @@ class Bench:
         self.add("load_avg_1m_start", round(os.getloadavg()[0], 2), "runnable tasks")
         if self.wanted("enqueue_single"):
             self.enqueue_single()
+        if self.wanted("enqueue_single_commit_ceiling"):
+            self.enqueue_single_commit_ceiling()
         if self.wanted("enqueue_many"):
             self.enqueue_many()
+        if self.wanted("enqueue_many_db_ceiling"):
+            self.enqueue_many_db_ceiling()
+        self.add_ratio("enqueue_many_of_db_ceiling", "enqueue_many", "enqueue_many_db_ceiling")
         drain_rate = None
         if self.wanted("drain_null", "drain_vs_pgqueuer"):
             drain_rate = self.drain("drain_null", 1)
