@@ -418,6 +418,52 @@ class Bench:
         self.autocommit(f"DROP TABLE {table}")
         self.add("enqueue_single_commit_ceiling", round(n / elapsed), "transactions/s")
 
+    def enqueue_single_db_ceiling(self) -> None:
+        """enqueue's own statement from THREADS psycopg threads, parameters prebuilt.
+
+        Run as a deferred-notify enqueue whose NOTIFY is never sent: the upper
+        bound of the statement itself, with no wake-up at all. Verified like
+        enqueue_single.
+        """
+        from mailoutbox import operations as ops
+        from mailoutbox import statements as st
+
+        n = self.scale.enqueue_single
+        log(f"enqueue_single_db_ceiling: the same {n} mails and statement, {THREADS} threads")
+        self.reset()
+        statement = st.insert_enqueue_one(self.outbox.tables, notify_after_commit=True)
+        ids = ops.time_ordered_uuids(n)
+        calls = [
+            ops.driver_call(
+                ops.Query(
+                    statement,
+                    ops.enqueue_one_params(
+                        self.outbox.prepare(_common.bench_mail(i, "single-ceiling")), ids[i]
+                    ),
+                ),
+                self.engine.dialect,
+            )
+            for i in range(n)
+        ]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(THREADS + 1)
+
+        def run(k: int) -> None:
+            try:
+                with psycopg.connect(_common.libpq_url(self.url), autocommit=True) as conn:
+                    barrier.wait()
+                    for sql, params in calls[k::THREADS]:
+                        conn.execute(sql, params)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                barrier.abort()
+
+        elapsed = self.timed_threads(run, barrier)
+        if errors:
+            raise errors[0]
+        self.verify_rows("enqueue_single_db_ceiling", n)
+        self.add("enqueue_single_db_ceiling", round(n / elapsed), "mails/s")
+
     def timed_threads(self, run: Any, barrier: threading.Barrier) -> float:
         """Start THREADS threads of `run(k)`; seconds from the barrier to the last one's end."""
         threads = [threading.Thread(target=run, args=(k,)) for k in range(THREADS)]
@@ -697,6 +743,11 @@ class Bench:
             self.enqueue_single()
         if self.wanted("enqueue_single_commit_ceiling"):
             self.enqueue_single_commit_ceiling()
+        if self.wanted("enqueue_single_db_ceiling"):
+            self.enqueue_single_db_ceiling()
+        self.add_ratio(
+            "enqueue_single_of_db_ceiling", "enqueue_single", "enqueue_single_db_ceiling"
+        )
         if self.wanted("enqueue_many"):
             self.enqueue_many()
         if self.wanted("enqueue_many_db_ceiling"):
