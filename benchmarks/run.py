@@ -397,22 +397,9 @@ class Bench:
         table = f'"{self.schema}".bench_commit_probe'
         log(f"enqueue_single_commit_ceiling: {n} one-row transactions, {THREADS} threads")
         self.autocommit(f"CREATE TABLE {table} (n integer NOT NULL)")
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(THREADS + 1)
-
-        def run(k: int) -> None:
-            try:
-                with psycopg.connect(_common.libpq_url(self.url), autocommit=True) as conn:
-                    barrier.wait()
-                    for i in range(k, n, THREADS):
-                        conn.execute(f"INSERT INTO {table} VALUES (%s)", (i,))
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-                barrier.abort()
-
-        elapsed = self.timed_threads(run, barrier)
-        if errors:
-            raise errors[0]
+        elapsed = self.on_psycopg_threads(
+            [(f"INSERT INTO {table} VALUES (%s)", (i,)) for i in range(n)]
+        )
         count = self.sql(f"SELECT count(DISTINCT n) FROM {table}")[0][0]
         self.check(count == n, f"commit ceiling: {count} rows, expected {n}")
         self.autocommit(f"DROP TABLE {table}")
@@ -445,6 +432,15 @@ class Bench:
             )
             for i in range(n)
         ]
+        elapsed = self.on_psycopg_threads(calls)
+        self.verify_rows("enqueue_single_db_ceiling", n)
+        self.add("enqueue_single_db_ceiling", round(n / elapsed), "mails/s")
+
+    def on_psycopg_threads(self, calls: Sequence[tuple[str, Any]]) -> float:
+        """Run (sql, params) calls round-robin on THREADS autocommit psycopg connections.
+
+        Answers the seconds from the start of the first call to the end of the last.
+        """
         errors: list[BaseException] = []
         barrier = threading.Barrier(THREADS + 1)
 
@@ -461,8 +457,7 @@ class Bench:
         elapsed = self.timed_threads(run, barrier)
         if errors:
             raise errors[0]
-        self.verify_rows("enqueue_single_db_ceiling", n)
-        self.add("enqueue_single_db_ceiling", round(n / elapsed), "mails/s")
+        return elapsed
 
     def timed_threads(self, run: Any, barrier: threading.Barrier) -> float:
         """Start THREADS threads of `run(k)`; seconds from the barrier to the last one's end."""
