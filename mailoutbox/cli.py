@@ -310,14 +310,19 @@ def paging_options(f: F) -> F:
 # --- wiring -----------------------------------------------------------------------------------
 
 
-def make_engine(url: sa.URL, **kwargs: Any) -> sa.Engine:
-    """An Engine that gives up connecting after 10 s (unless the URL says otherwise)."""
+def connect_args_for(url: sa.URL) -> dict[str, Any]:
+    """Give up connecting after 10 s and name the application, unless the URL says otherwise."""
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in url.query:
         connect_args["connect_timeout"] = 10
     if "application_name" not in url.query:
         connect_args["application_name"] = "mailoutbox"
-    return sa.create_engine(url, connect_args=connect_args, **kwargs)
+    return connect_args
+
+
+def make_engine(url: sa.URL, **kwargs: Any) -> sa.Engine:
+    """An Engine with `connect_args_for(url)`."""
+    return sa.create_engine(url, connect_args=connect_args_for(url), **kwargs)
 
 
 def open_engine(ctx: click.Context, url: sa.URL | None, **kwargs: Any) -> sa.Engine:
@@ -873,14 +878,26 @@ def _read_password(password_file: Path | None) -> str | None:
     callback=_positive,
     help="Give up on a delivery whose cycle began longer ago.",
 )
-@click.option("--name", help="Worker name in leases and attempts [default: host:pid:random].")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes to run and keep running (one Python process uses one core).",
+)
+@click.option(
+    "--name",
+    help="Worker name in leases and attempts [default: host:pid:random]; "
+    "with --processes, NAME-1 ... NAME-N.",
+)
 @click.option("--message-id-domain", help="Domain of Message-IDs [default: sender's domain].")
 @click.option(
     "--metrics-port",
     envvar="MAILOUTBOX_METRICS_PORT",
     show_envvar=True,
     type=click.IntRange(0, 65535),
-    help="Serve Prometheus metrics on this port (needs mailoutbox[metrics]).",
+    help="Serve Prometheus metrics on this port (needs mailoutbox[metrics]); "
+    "with --processes, process i serves on PORT+i-1.",
 )
 @click.option(
     "--metrics-host",
@@ -926,6 +943,7 @@ def worker(
     retry_base_delay: timedelta,
     retry_max_delay: timedelta,
     max_age: timedelta,
+    processes: int,
     name: str | None,
     message_id_domain: str | None,
     metrics_port: int | None,
@@ -933,11 +951,15 @@ def worker(
     log_level: str,
     log_format: str,
 ) -> None:
-    """Deliver mail until SIGTERM or Ctrl-C, then finish the sends in flight and exit 0."""
+    """Deliver mail until SIGTERM or Ctrl-C, then finish the sends in flight and exit 0.
+
+    With --processes N, this process supervises N worker processes: it starts
+    one again when it dies (after a back-off from 1 s to 60 s), passes SIGTERM
+    on to all of them, and exits 0 once they have finished their sends.
+    """
     from .logs import configure_logging
     from .retry import RetryPolicy
-    from .transports.smtp import SmtpTransport
-    from .worker import Worker, WorkerObserver
+    from .service import MetricsUnavailable, SmtpSettings, WorkerSettings, serve_worker
 
     password = _read_password(smtp_password_file)
     if (smtp_username is None) != (password is None):
@@ -945,6 +967,11 @@ def worker(
             "--smtp-username needs a password "
             f"({PASSWORD_ENV} or --smtp-password-file), and a password needs --smtp-username"
         )
+    if metrics_port is not None:
+        try:
+            from . import metrics  # noqa: F401  (only to fail early without prometheus-client)
+        except ImportError as exc:
+            raise click.UsageError(f"--metrics-port: {exc}") from None
     try:
         retry = RetryPolicy(
             max_attempts=max_attempts,
@@ -952,70 +979,63 @@ def worker(
             max_delay=retry_max_delay,
             max_age=max_age,
         )
-        transport = SmtpTransport(
-            smtp_host,
-            smtp_port,
-            security=smtp_security,  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if database_url is None:
+        raise click.UsageError("no database configured: pass --database-url or set DATABASE_URL")
+    state = ctx.find_object(_State)
+    if state is not None:
+        state.url_text = database_url.render_as_string(hide_password=True)
+    settings = WorkerSettings(
+        url=database_url,
+        schema=schema,
+        smtp=SmtpSettings(
+            host=smtp_host,
+            port=smtp_port,
+            security=smtp_security,
             username=smtp_username,
             password=password,
             timeout=smtp_timeout.total_seconds(),
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    metrics: Any = None
-    if metrics_port is not None:
-        try:
-            from . import metrics
-        except ImportError as exc:
-            raise click.UsageError(f"--metrics-port: {exc}") from None
-    ctx.call_on_close(configure_logging(log_level, log_format).restore)
-
-    # pool: one connection claims/completes, one listens (detached), one serves metrics.
-    outbox = open_outbox(ctx, database_url, schema, pool_size=3, max_overflow=2)
-    outbox.queue_health()  # fail fast (exit 3) when unreachable or not migrated
-
-    observer: WorkerObserver | None = None
-    server = None
-    if metrics is not None:
-        observer = metrics.PrometheusObserver()
-        try:
-            server = metrics.start_metrics_server(metrics_port, outbox, observer, addr=metrics_host)
-        except OSError as exc:
-            raise Failed(
-                f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc.strerror}"
-            ) from None
-        ctx.call_on_close(server.close)
-    try:
-        runner = Worker(
-            outbox,
-            transport,
-            retry=retry,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            lease=lease,
-            poll_interval=poll_interval,
-            listen=not no_listen,
-            name=name,
-            message_id_domain=message_id_domain,
-            observer=observer,
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    log.info(
-        "worker %s starting: SMTP %s:%d (%s%s), batch %d, concurrency %d, lease %s%s",
-        runner.name,
-        transport.host,
-        transport.port,
-        smtp_security,
-        ", with login" if smtp_username else "",
-        batch_size,
-        concurrency,
-        format_duration(lease.total_seconds()),
-        f", metrics on port {server.port}" if server is not None else "",
-        extra={"worker": runner.name, "schema": schema},
+        ),
+        retry=retry,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        lease=lease,
+        poll_interval=poll_interval,
+        listen=not no_listen,
+        name=name,
+        message_id_domain=message_id_domain,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        connect_args=tuple(connect_args_for(database_url).items()),
     )
-    runner.run()
-    log.info("worker %s stopped", runner.name, extra={"worker": runner.name})
+    # Settings the Worker or the transport refuse are usage errors, found here, once.
+    engine = make_engine(database_url)
+    ctx.call_on_close(engine.dispose)
+    try:
+        settings.worker(Outbox(engine, schema=schema))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    ctx.call_on_close(configure_logging(log_level, log_format).restore)
+    try:
+        if processes == 1:
+            serve_worker(settings)
+            return
+        Outbox(engine, schema=schema).queue_health()  # fail fast (exit 3) in the supervisor
+        engine.dispose()
+        _supervise_workers(processes, settings, log_level, log_format)
+    except MetricsUnavailable as exc:
+        raise Failed(str(exc)) from None
+
+
+def _supervise_workers(processes: int, settings: Any, log_level: str, log_format: str) -> None:
+    import functools
+
+    from .service import serve_supervised
+    from .supervisor import supervise
+
+    log.info("supervising %d worker processes", processes)
+    supervise(processes, functools.partial(serve_supervised, settings, log_level, log_format))
 
 
 # --- demo -----------------------------------------------------------------------------------

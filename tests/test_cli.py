@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
@@ -697,6 +698,106 @@ def test_worker_serves_metrics(db_url: sa.URL, outbox: Outbox, tmp_path: Path) -
             assert time.monotonic() < deadline, text
             time.sleep(0.2)
     assert 'mailoutbox_deliveries{status="sent"}' in text
+
+
+# --- worker --processes: a supervisor and its children --------------------------------------
+
+
+def _children(process: subprocess.Popen[bytes], count: int, timeout: float = 30.0) -> list[int]:
+    """The pids of `process`'s `count` worker children, once that many are running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [
+            child.pid
+            for child in psutil.Process(process.pid).children()
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline())
+        ]
+        if len(pids) == count:
+            return sorted(pids)
+        assert process.poll() is None, "the supervisor exited"
+        assert time.monotonic() < deadline, f"{len(pids)} worker processes, expected {count}"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _worker_names(outbox: Outbox) -> set[str]:
+    with outbox.engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT DISTINCT worker FROM {SCHEMA}.mail_attempts"))
+        return {row[0] for row in rows}
+
+
+def test_worker_processes_share_the_outbox_and_stop_together(
+    db_url: sa.URL, outbox: Outbox, tmp_path: Path
+) -> None:
+    """--processes 2 runs two named workers; SIGTERM stops both and the supervisor exits 0."""
+    args = ("--processes", "2", "--name", "node-a", "--batch-size", "5")
+    with SmtpSink() as sink, worker_process(db_url, sink, tmp_path, *args) as process:
+        children = _children(process, 2)
+        outbox.enqueue_many([make_mail(to=[f"u{i}@example.com"]) for i in range(60)])
+        wait_for(outbox, Status.SENT, 60)
+        assert _worker_names(outbox) <= {"node-a-1", "node-a-2"}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert not any(_alive(pid) for pid in children)
+        assert len(sink.messages) == 60
+    logs = (tmp_path / "worker.log").read_text()
+    assert "worker node-a-1 starting" in logs and "worker node-a-2 starting" in logs
+    assert "Traceback" not in logs
+
+
+def test_a_worker_process_that_dies_is_started_again(
+    db_url: sa.URL, outbox: Outbox, tmp_path: Path
+) -> None:
+    """A child killed with SIGKILL is replaced, and mail enqueued afterwards is still sent."""
+    with SmtpSink() as sink, worker_process(db_url, sink, tmp_path, "--processes", "2") as process:
+        first, second = _children(process, 2)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            now = _children(process, 2)
+            if first not in now:
+                break
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.1)
+        assert second in now
+        os.kill(second, signal.SIGKILL)  # both replaced: the new ones do the sending
+        outbox.enqueue_many([make_mail(to=[f"u{i}@example.com"]) for i in range(10)])
+        wait_for(outbox, Status.SENT, 10, timeout=40)
+        assert len(sink.messages) == 10
+    logs = (tmp_path / "worker.log").read_text()
+    assert "exited with signal SIGKILL; starting it again" in logs
+
+
+def test_worker_processes_stop_when_their_supervisor_is_killed(
+    db_url: sa.URL, outbox: Outbox, tmp_path: Path
+) -> None:
+    """No orphan keeps sending: children of a SIGKILLed supervisor stop by themselves."""
+    with SmtpSink() as sink, worker_process(db_url, sink, tmp_path, "--processes", "2") as process:
+        children = _children(process, 2)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in children):
+            assert time.monotonic() < deadline, "worker processes outlived their supervisor"
+            time.sleep(0.1)
+    assert "is gone: stopping" in (tmp_path / "worker.log").read_text()
+
+
+def test_worker_processes_zero_is_a_usage_error(db_url: sa.URL) -> None:
+    result = run(*db(db_url, "worker", "--smtp-host", "h", "--processes", "0"))
+    assert_one_line_error(result, 2, "--processes")
+
+
+def test_worker_processes_on_unmigrated_database_exits_3(empty_db_url: sa.URL) -> None:
+    """The supervisor checks the database before it starts any child."""
+    result = run(*db(empty_db_url, "worker", "--smtp-host", "h", "--processes", "2"))
+    assert_one_line_error(result, 3, "migrate")
 
 
 # --- logging set-up -----------------------------------------------------------------------
