@@ -55,7 +55,9 @@ from .errors import (
     InvalidTransition,
     MailOutboxError,
     SchemaNotMigrated,
+    first_line,
 )
+from .logs import format_duration
 from .outbox import Outbox
 from .records import Attempt, DeadLetter, Delivery
 from .schema import DEFAULT_SCHEMA, VERSION_TABLE, Status, validate_schema_name
@@ -88,22 +90,17 @@ class DatabaseUnavailable(click.ClickException):
     exit_code = EXIT_DATABASE
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
-
-
 def _translate(exc: Exception, state: _State) -> click.ClickException | None:
     """The ClickException an expected failure becomes; None for a real bug."""
     where = f" ({state.url_text})" if state.url_text else ""
     if isinstance(exc, SchemaNotMigrated):
         return DatabaseUnavailable(str(exc))
     if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
-        return DatabaseUnavailable(f"cannot reach the database{where}: {_first_line(exc)}")
+        return DatabaseUnavailable(f"cannot reach the database{where}: {first_line(exc)}")
     if isinstance(exc, InvalidMail) and exc.field == "schema":
         return click.UsageError(str(exc))
     if isinstance(exc, (MailOutboxError, sa.exc.DBAPIError)):
-        return Failed(_first_line(exc))
+        return Failed(first_line(exc))
     from .demo import DemoError
 
     if isinstance(exc, DemoError):
@@ -169,6 +166,8 @@ class MailoutboxCli(click.Group):
 # --- parameter types ------------------------------------------------------------------------
 
 if TYPE_CHECKING:  # recent click makes ParamType generic; older releases do not
+    from .service import WorkerSettings
+
     _ParamType = click.ParamType[Any, Any]
 else:
     _ParamType = click.ParamType
@@ -195,21 +194,6 @@ def parse_duration(text: str) -> timedelta:
         return timedelta(seconds=seconds)
     except OverflowError:
         raise ValueError(f"duration {text!r} is too long") from None
-
-
-def format_duration(seconds: float) -> str:
-    """A short human form: 0s, 42s, 3m12s, 2h05m, 3d04h."""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
 
 
 class DurationType(_ParamType):
@@ -959,7 +943,14 @@ def worker(
     """
     from .logs import configure_logging
     from .retry import RetryPolicy
-    from .service import MetricsUnavailable, SmtpSettings, WorkerSettings, serve_worker
+    from .service import (
+        MAX_OVERFLOW,
+        POOL_SIZE,
+        MetricsUnavailable,
+        SmtpSettings,
+        WorkerSettings,
+        serve_worker,
+    )
 
     password = _read_password(smtp_password_file)
     if (smtp_username is None) != (password is None):
@@ -981,13 +972,10 @@ def worker(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if database_url is None:
-        raise click.UsageError("no database configured: pass --database-url or set DATABASE_URL")
-    state = ctx.find_object(_State)
-    if state is not None:
-        state.url_text = database_url.render_as_string(hide_password=True)
+    outbox = open_outbox(ctx, database_url, schema, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    url = outbox.engine.url
     settings = WorkerSettings(
-        url=database_url,
+        url=url,
         schema=schema,
         smtp=SmtpSettings(
             host=smtp_host,
@@ -1007,28 +995,28 @@ def worker(
         message_id_domain=message_id_domain,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
-        connect_args=tuple(connect_args_for(database_url).items()),
+        connect_args=tuple(connect_args_for(url).items()),
     )
     # Settings the Worker or the transport refuse are usage errors, found here, once.
-    engine = make_engine(database_url)
-    ctx.call_on_close(engine.dispose)
     try:
-        settings.worker(Outbox(engine, schema=schema))
+        settings.worker(outbox)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     ctx.call_on_close(configure_logging(log_level, log_format).restore)
     try:
         if processes == 1:
-            serve_worker(settings)
+            serve_worker(settings, outbox.engine)
             return
-        Outbox(engine, schema=schema).queue_health()  # fail fast (exit 3) in the supervisor
-        engine.dispose()
+        outbox.queue_health()  # fail fast (exit 3) in the supervisor
+        outbox.engine.dispose()  # the children connect on their own
         _supervise_workers(processes, settings, log_level, log_format)
     except MetricsUnavailable as exc:
         raise Failed(str(exc)) from None
 
 
-def _supervise_workers(processes: int, settings: Any, log_level: str, log_format: str) -> None:
+def _supervise_workers(
+    processes: int, settings: WorkerSettings, log_level: str, log_format: str
+) -> None:
     import functools
 
     from .service import serve_supervised

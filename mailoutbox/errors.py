@@ -105,3 +105,13 @@ class UnknownSendOutcome(TransientSendError):
 
 class PermanentSendError(SendError):
     """Not worth retrying: SMTP 5xx, or a message the transport cannot send."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what `exc` says (of the driver's error, for a wrapped one).
+
+    For one-line error reports: a SQLAlchemy error carries the driver's as `.orig`,
+    whose message is the useful part; SQL and parameters follow on later lines.
+    """
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

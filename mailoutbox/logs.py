@@ -173,3 +173,18 @@ __all__ = [
     "context_of",
     "redact_addresses",
 ]
+
+
+def format_duration(seconds: float) -> str:
+    """A short human form: 0s, 42s, 3m12s, 2h05m, 3d04h."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"

@@ -18,6 +18,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from .errors import first_line
+from .logs import format_duration
 from .outbox import Outbox
 from .retry import RetryPolicy
 from .worker import Worker, WorkerObserver
@@ -117,15 +119,17 @@ class WorkerSettings:
         )
 
 
-def serve_worker(settings: WorkerSettings) -> None:
+def serve_worker(settings: WorkerSettings, engine: sa.Engine | None = None) -> None:
     """Run one worker until SIGTERM or SIGINT, then finish the sends in flight.
 
-    Raises what goes wrong on the way up (an unreachable or unmigrated
-    database, a taken metrics port) before anything is claimed.
+    `engine`: one the caller already made (and disposes of); by default the
+    settings' own. Raises what goes wrong on the way up (an unreachable or
+    unmigrated database, a taken metrics port) before anything is claimed.
     """
     with contextlib.ExitStack() as stack:
-        engine = settings.engine()
-        stack.callback(engine.dispose)
+        if engine is None:
+            engine = settings.engine()
+            stack.callback(engine.dispose)
         outbox = Outbox(engine, schema=settings.schema)
         outbox.queue_health()  # fail fast when unreachable or not migrated
 
@@ -150,7 +154,7 @@ def serve_worker(settings: WorkerSettings) -> None:
         runner = settings.worker(outbox, observer)
         smtp = settings.smtp
         log.info(
-            "worker %s starting: SMTP %s:%d (%s%s), batch %d, concurrency %d, lease %ss%s",
+            "worker %s starting: SMTP %s:%d (%s%s), batch %d, concurrency %d, lease %s%s",
             runner.name,
             smtp.host,
             runner.transport.port,
@@ -158,7 +162,7 @@ def serve_worker(settings: WorkerSettings) -> None:
             ", with login" if smtp.username else "",
             settings.batch_size,
             settings.concurrency,
-            f"{settings.lease.total_seconds():g}",
+            format_duration(settings.lease.total_seconds()),
             port_note,
             extra={"worker": runner.name, "schema": settings.schema},
         )
@@ -178,11 +182,5 @@ def serve_supervised(settings: WorkerSettings, log_level: str, log_format: str, 
     try:
         serve_worker(settings.for_process(index))
     except Exception as exc:  # noqa: BLE001  (one line in the log, then a restart)
-        text = str(getattr(exc, "orig", None) or exc).strip()
-        log.error(
-            "worker process %d failed: %s: %s",
-            index,
-            type(exc).__name__,
-            text.splitlines()[0] if text else "",
-        )
+        log.error("worker process %d failed: %s: %s", index, type(exc).__name__, first_line(exc))
         sys.exit(1)
