@@ -339,8 +339,13 @@ class AsyncWorker(WorkerSettings):
         """As Worker._record_alone: retried while the batch's lease holds."""
         for delay in completion_retry_delays(sent.lease_ends):
             try:
-                async with self.engine.begin() as conn:
-                    outcome = await self._record(conn, sent)
+                async with self.engine.connect() as conn:
+                    if sent.records_in_one_statement:
+                        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                        outcome = await self._record(autocommit, sent)
+                    else:
+                        async with conn.begin():
+                            outcome = await self._record(conn, sent)
                 break
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
                 if delay is None:

@@ -173,7 +173,7 @@ class Worker(WorkerSettings):
         """
         for delay in completion_retry_delays(sent.lease_ends):
             try:
-                with direct(self.engine) as conn:
+                with direct(self.engine, autocommit=sent.records_in_one_statement) as conn:
                     outcome = self._record(conn, sent)
                 break
             except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:

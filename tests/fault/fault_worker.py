@@ -10,10 +10,10 @@ SIGKILL at a chosen boundary of the claim -> send -> complete cycle:
   SMTP server slow); the process dies 0.3 s into it;
 - ``replied``: right after send number ``--hook-at`` got its 250 reply, before
   the batch's completion is recorded;
-- ``completing``: completion number ``--hook-at`` has run its statement, its
-  COMMIT has not been sent;
-- ``committing``: the COMMIT of completion number ``--hook-at`` is on the wire,
-  its reply not read.
+- ``completing``: the sends of batch ``--hook-at`` are over, its completion has
+  not been sent;
+- ``committing``: the completion of batch ``--hook-at`` is on the wire, its reply
+  not read (the record runs in autocommit: the statement is its own commit).
 
 ``--fail-permanent`` makes that fraction of sends fail with a 5xx before they
 reach the server (resend races). With ``--stats PATH`` it writes a JSON line
@@ -29,13 +29,18 @@ import random
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
+from psycopg import pq
+from psycopg._queries import PostgresQuery  # to send a statement without waiting for it
+from psycopg.adapt import Transformer
 
 from mailoutbox import Outbox, PermanentSendError
+from mailoutbox import operations as ops
 from mailoutbox.direct import DirectConnection
 from mailoutbox.records import Completion
 from mailoutbox.retry import RetryPolicy
@@ -58,9 +63,10 @@ def peak_rss_kib() -> int:
     return -1
 
 
-def die() -> None:
+def die() -> NoReturn:
     os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(10)  # never reached; SIGKILL cannot be caught
+    raise SystemExit("SIGKILL did not kill this process")
 
 
 class HookedTransport:
@@ -99,27 +105,45 @@ class HookedTransport:
 
 
 def hook_completion(outbox: Outbox, hook: str, hook_at: int) -> None:
-    """Wrap the store's complete() (on this instance) to die around the completion commit."""
+    """Wrap the store's complete() (on this instance) to die around the completion's commit."""
     store = outbox.store
     real = store.complete
     calls = 0
 
-    def complete(conn: DirectConnection, completions: Sequence[Completion]) -> Any:
+    def complete(
+        conn: sa.Connection | DirectConnection, completions: Sequence[Completion]
+    ) -> set[uuid.UUID]:
         nonlocal calls
-        done = real(conn, completions)
         calls += 1
-        if calls == hook_at:
-            if hook == "committing":
-                # Put COMMIT on the wire ourselves, make sure it left, and die before the
-                # reply: the server commits, the worker never learns it.
-                pgconn = conn.driver.pgconn
-                pgconn.send_query(b"COMMIT")
-                while pgconn.flush():
-                    time.sleep(0.001)
-            die()
-        return done
+        if calls != hook_at:
+            return real(conn, completions)
+        if hook == "committing":
+            assert isinstance(conn, DirectConnection), "the worker records on psycopg directly"
+            # Put the completion on the wire ourselves, make sure it left, and die
+            # before the reply: the server commits it, the worker never learns it.
+            query = next(ops.complete(outbox.tables, completions))
+            send_without_reading_the_reply(conn, *ops.driver_call(query, outbox.engine.dialect))
+        die()
 
     store.complete = complete  # type: ignore[method-assign]
+
+
+def send_without_reading_the_reply(conn: DirectConnection, sql: str, params: Any) -> None:
+    """Send a statement as psycopg's binary cursor would, and return once it has left."""
+    driver = conn.driver
+    assert driver.autocommit, "the record of a whole batch runs in autocommit"
+    query = PostgresQuery(Transformer(driver))
+    query.convert(sql, params)
+    pgconn = driver.pgconn
+    pgconn.send_query_params(
+        query.query,
+        query.params,
+        param_formats=query.formats,
+        param_types=query.types,
+        result_format=pq.Format.BINARY,
+    )
+    while pgconn.flush():
+        time.sleep(0.001)
 
 
 def main() -> None:

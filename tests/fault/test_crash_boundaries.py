@@ -46,9 +46,10 @@ BOUNDARIES = {
     "sending": (1, False),
     # Mid-batch, after the 250 of the 25th message.
     "replied": (25, True),
-    # The third batch's completion ran, its COMMIT never sent: rolled back.
+    # The third batch's sends are over, its completion never sent: nothing recorded.
     "completing": (3, True),
-    # The third batch's COMMIT reached the server; the worker died before the reply.
+    # The third batch's completion (autocommit) reached the server; the worker died
+    # before the reply.
     "committing": (3, False),
 }
 
