@@ -90,7 +90,7 @@ def test_list_deliveries_rejects_bad_paging(outbox: Outbox) -> None:
     """Negative offsets, zero or huge limits and unknown statuses are ValueErrors."""
     for kwargs in ({"offset": -1}, {"limit": 0}, {"limit": 100_000}, {"status": "lost"}):
         with pytest.raises(ValueError):
-            outbox.list_deliveries(**kwargs)  # type: ignore[arg-type]
+            outbox.list_deliveries(**kwargs)
 
 
 def test_count_by_status_includes_every_state(engine: sa.Engine, outbox: Outbox) -> None:
@@ -264,7 +264,7 @@ def test_a_claim_token_exists_exactly_while_a_delivery_is_sending(
     outbox.resend(dead)
     outbox.cancel(retrying)
     with engine.connect() as conn:
-        rows = dict(
+        rows: dict[uuid.UUID, str] = dict(
             conn.execute(
                 sa.text("SELECT delivery_id, status FROM mailoutbox.mail_deliveries")
             ).all()

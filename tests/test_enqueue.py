@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from mailoutbox import InvalidMail, Kind, Mail, Outbox, Status
+from mailoutbox import Enqueued, InvalidMail, Kind, Mail, Outbox, Status
 
 from .factories import make_mail, row_counts
 
@@ -234,9 +236,9 @@ def test_payload_size_limit_is_configurable(engine: sa.Engine, outbox: Outbox) -
     assert outbox.enqueue(make_mail(text="x" * 2000)).created
 
 
-def _race(engine: sa.Engine, outbox: Outbox, workers: int, body) -> list:  # type: ignore[no-untyped-def]
+def _race(engine: sa.Engine, outbox: Outbox, workers: int, body: Callable[[int], Any]) -> list[Any]:
     barrier = threading.Barrier(workers)
-    results: list = [None] * workers
+    results: list[Any] = [None] * workers
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
@@ -275,7 +277,7 @@ def test_rolled_back_first_inserter_lets_the_next_create(
     trans = first.begin()
     doomed = outbox.enqueue(make_mail(idempotency_key="k"), connection=first)
     assert doomed.created
-    outcome: list = []
+    outcome: list[Enqueued] = []
     waiter = threading.Thread(
         target=lambda: outcome.append(outbox.enqueue(make_mail(idempotency_key="k")))
     )

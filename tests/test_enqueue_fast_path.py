@@ -22,11 +22,12 @@ from mailoutbox.schema import tables_for
 from .factories import make_mail, row_counts
 
 T = tables_for("mailoutbox")
+DIALECT: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
 SENDER = "Shop <noreply@example.com>"
 
 
 def binds(statement: sa.ClauseElement) -> set[str]:
-    return set(statement.compile(dialect=postgresql.dialect()).params)
+    return set(statement.compile(dialect=DIALECT).params)
 
 
 def test_new_ids_are_distinct_version_7_uuids_in_time_order() -> None:
@@ -53,7 +54,7 @@ def test_new_ids_are_distinct_version_7_uuids_in_time_order() -> None:
 def test_one_mail_statement_skips_duplicates_and_reports_recipients_written() -> None:
     """The one-mail insert keeps ON CONFLICT DO NOTHING and returns no rows (row count only)."""
     statement = st.insert_enqueue_one(T)
-    text = " ".join(str(statement.compile(dialect=postgresql.dialect())).split())
+    text = " ".join(str(statement.compile(dialect=DIALECT)).split())
     assert "ON CONFLICT (template_id, idempotency_key) DO NOTHING" in text
     assert text.endswith("ON true")  # the recipients insert, not a SELECT, comes last
     assert "FROM inserted_delivery" in text
@@ -242,6 +243,6 @@ def test_recipients_keep_kind_order_and_field_names() -> None:
 
 def test_one_mail_statement_compiles_its_recipient_position_from_ordinality() -> None:
     """Positions are 0-based like the batch statement's r_position."""
-    text = str(st.insert_enqueue_one(T).compile(dialect=postgresql.dialect()))
+    text = str(st.insert_enqueue_one(T).compile(dialect=DIALECT))
     assert re.search(r"WITH ORDINALITY AS recipient_rows\(r_address, r_kind, r_ordinal\)", text)
     assert "recipient_rows.r_ordinal - 1" in text

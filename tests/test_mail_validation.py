@@ -504,8 +504,8 @@ def test_from_message_needs_a_message() -> None:
     """from_message rejects anything that is not an email.message.Message."""
     with pytest.raises(InvalidMail) as info:
         Mail.from_message(
-            "From: a@example.com",
-            template_id="t",  # type: ignore[arg-type]
+            "From: a@example.com",  # type: ignore[arg-type]
+            template_id="t",
             idempotency_key="k",
         )
     assert info.value.field == "message"

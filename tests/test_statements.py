@@ -11,10 +11,11 @@ from mailoutbox import statements as st
 from mailoutbox.schema import tables_for
 
 T = tables_for("mailoutbox")
+DIALECT: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
 def sql(statement: sa.ClauseElement) -> str:
-    return " ".join(str(statement.compile(dialect=postgresql.dialect())).split())
+    return " ".join(str(statement.compile(dialect=DIALECT)).split())
 
 
 def test_claim_skips_locked_rows_in_due_order() -> None:

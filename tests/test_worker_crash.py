@@ -49,10 +49,12 @@ def lines(log: Path) -> list[str]:
 
 def leased_by(engine: sa.Engine, name: str) -> int:
     with engine.connect() as conn:
-        return conn.execute(
-            sa.text("SELECT count(*) FROM mailoutbox.mail_deliveries WHERE locked_by = :n"),
-            {"n": name},
-        ).scalar_one()
+        return int(
+            conn.execute(
+                sa.text("SELECT count(*) FROM mailoutbox.mail_deliveries WHERE locked_by = :n"),
+                {"n": name},
+            ).scalar_one()
+        )
 
 
 def test_sigkill_mid_batch_loses_nothing(

@@ -50,9 +50,9 @@ def run_tick(worker: Worker) -> TickReport:
 
 
 def assert_retrying_in_30s(outbox: Outbox, delivery_id: object) -> None:
-    delivery = outbox.get_delivery(delivery_id)  # type: ignore[arg-type]
+    delivery = outbox.get_delivery(delivery_id)
     assert delivery.status is Status.RETRYING
-    last = outbox.list_attempts(delivery_id)[-1]  # type: ignore[arg-type]
+    last = outbox.list_attempts(delivery_id)[-1]
     assert delivery.next_attempt_at is not None and last.finished_at is not None
     assert 29 <= (delivery.next_attempt_at - last.finished_at).total_seconds() <= 31
 

