@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -518,7 +519,7 @@ class Bench:
             if r.get("sample_problem"):
                 self.check(False, f"{name}: rendered sample: {r['sample_problem']}")
         self.verify_all_sent(name, ids, seen)
-        rate = n / elapsed
+        rate = float(n / elapsed)
         self.add(name, round(rate), "deliveries/s")
         return rate
 
@@ -669,7 +670,9 @@ class Bench:
     def measure_claims(self, rounds: int, tag: str) -> float:
         self.load((rounds + 1) * BATCH, f"claim-{tag}")
         self.analyze(vacuum=True)
-        store, seen, times = self.outbox.store, set(), []
+        store = self.outbox.store
+        seen: set[uuid.UUID] = set()
+        times: list[float] = []
         for r in range(rounds + 1):
             start = time.perf_counter()
             with self.engine.begin() as conn:
