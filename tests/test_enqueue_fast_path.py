@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 from mailoutbox import InvalidMail, Kind, Outbox, mail
 from mailoutbox import operations as ops
@@ -20,9 +19,9 @@ from mailoutbox.records import Payload, Recipient
 from mailoutbox.schema import tables_for
 
 from .factories import make_mail, row_counts
+from .test_statements import DIALECT, sql
 
 T = tables_for("mailoutbox")
-DIALECT: sa.Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
 SENDER = "Shop <noreply@example.com>"
 
 
@@ -54,7 +53,7 @@ def test_new_ids_are_distinct_version_7_uuids_in_time_order() -> None:
 def test_one_mail_statement_skips_duplicates_and_reports_recipients_written() -> None:
     """The one-mail insert keeps ON CONFLICT DO NOTHING and returns no rows (row count only)."""
     statement = st.insert_enqueue_one(T)
-    text = " ".join(str(statement.compile(dialect=DIALECT)).split())
+    text = sql(statement)
     assert "ON CONFLICT (template_id, idempotency_key) DO NOTHING" in text
     assert text.endswith("ON true")  # the recipients insert, not a SELECT, comes last
     assert "FROM inserted_delivery" in text
