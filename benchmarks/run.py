@@ -197,6 +197,63 @@ def children(*spawned: Child) -> Iterator[tuple[Child, ...]]:
             child.close()
 
 
+@dataclass
+class CpuSpent:
+    """CPU seconds spent over an interval: the whole machine's, and PostgreSQL's share."""
+
+    machine: float
+    database: float | None  # None: the server's processes are not on this machine
+
+
+class MachineCpu:
+    """Busy CPU seconds of the whole machine, and of PostgreSQL's processes, between
+    start() and stop().
+
+    Every process counts: the worker processes, PostgreSQL's backends and its
+    WAL writer, anything else running. So a drain's figure is the work one
+    delivery costs end to end, comparable with the peer's on the same machine.
+    PostgreSQL's share sums its processes' CPU time, with that of backends that
+    exited meanwhile (counted in the postmaster's children times). Without psutil
+    (not installed) it measures nothing and stop() answers None.
+    """
+
+    def __init__(self) -> None:
+        self._start: CpuSpent | None = None
+
+    @staticmethod
+    def _now() -> CpuSpent | None:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        times = psutil.cpu_times()
+        # Linux also counts irq and softirq; idle, iowait and steal are not work.
+        machine = sum(
+            getattr(times, part, 0.0) for part in ("user", "nice", "system", "irq", "softirq")
+        )
+        database, found = 0.0, False
+        for process in psutil.process_iter(["name"]):
+            if process.info["name"] not in ("postgres", "postmaster"):
+                continue
+            with contextlib.suppress(psutil.Error):
+                spent = process.cpu_times()
+                database += spent.user + spent.system + spent.children_user + spent.children_system
+                found = True
+        return CpuSpent(machine, database if found else None)
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def stop(self) -> CpuSpent | None:
+        end = self._now()
+        if self._start is None or end is None:
+            return None
+        database = None
+        if end.database is not None and self._start.database is not None:
+            database = end.database - self._start.database
+        return CpuSpent(end.machine - self._start.machine, database)
+
+
 # --- the run ----------------------------------------------------------------------------
 
 
@@ -232,6 +289,19 @@ class Bench:
     def add(self, name: str, value: float, unit: str) -> None:
         self.figures.append(Figure(name, value, unit))
         log(f"  {name} = {format_value(value)} {unit}")
+
+    def add_cpu(self, name: str, spent: CpuSpent | None, count: int, elapsed: float) -> None:
+        """CPU time per item, the machine's and PostgreSQL's, and the cores that kept busy."""
+        if spent is None:
+            return
+        self.add(f"{name}_cpu_us", round(spent.machine / count * 1e6), "us CPU each")
+        if spent.database is not None and self.database_is_local():
+            self.add(f"{name}_db_cpu_us", round(spent.database / count * 1e6), "us CPU each")
+        self.add(f"{name}_cores_busy", round(spent.machine / elapsed, 2), "cores")
+
+    def database_is_local(self) -> bool:
+        # A server elsewhere leaves only the local processes to count, maybe another server's.
+        return self.url.host in (None, "", "localhost", "127.0.0.1", "::1")
 
     def add_ratio(self, name: str, numerator: str, denominator: str) -> None:
         values = {f.name: f.value for f in self.figures}
@@ -509,9 +579,12 @@ class Bench:
                 child.expect("ready")
             ids = self.load(n, name)
             self.analyze()
+            cpu = MachineCpu()
+            cpu.start()
             for child in spawned:
                 child.send("go")
             done = [child.expect("done") for child in spawned]
+            spent = cpu.stop()
             results = [child.result() for child in spawned]
         elapsed = max(d["end"] for d in done) - min(d["start"] for d in done)
         seen = [i for r in results for i in r["ids"]]
@@ -521,6 +594,7 @@ class Bench:
         self.verify_all_sent(name, ids, seen)
         rate = float(n / elapsed)
         self.add(name, round(rate), "deliveries/s")
+        self.add_cpu(name, spent, n, elapsed)
         return rate
 
     def peer(self, drain_rate: float | None) -> None:
@@ -536,8 +610,11 @@ class Bench:
         config = self.child_config(libpq_url=_common.libpq_url(self.url), count=n, batch_size=BATCH)
         with children(Child("pgqueuer", config, self.workdir)) as (child,):
             child.expect("ready")
+            cpu = MachineCpu()
+            cpu.start()
             child.send("go")
             done = child.expect("done")
+            spent = cpu.stop()
             result = child.result()
         label = "peer_pgqueuer_drain"
         log(f"  pgqueuer ran on {result['driver']} with the {result['loop']} event loop")
@@ -550,8 +627,10 @@ class Bench:
         )
         if result.get("sample_problem"):
             self.check(False, f"{label}: rendered sample: {result['sample_problem']}")
-        rate = n / (done["end"] - done["start"])
+        elapsed = done["end"] - done["start"]
+        rate = n / elapsed
         self.add(label, round(rate), "jobs/s")
+        self.add_cpu("peer_pgqueuer", spent, n, elapsed)
         if drain_rate is not None:
             self.add("drain_vs_pgqueuer", round(drain_rate / rate, 2), "ratio")
 

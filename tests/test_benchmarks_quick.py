@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,23 @@ FIXED_FIGURES = {
     "enqueue_single_of_db_ceiling",
     "enqueue_many_db_ceiling",
     "enqueue_many_of_db_ceiling",
+    # CPU per delivery (psutil is a dev dependency), the whole machine's and PostgreSQL's.
+    "drain_null_cpu_us",
+    "drain_null_db_cpu_us",
+    "drain_null_cores_busy",
+    "drain_null_2proc_cpu_us",
+    "drain_null_2proc_db_cpu_us",
+    "drain_null_2proc_cores_busy",
 }
 # pgqueuer is a benchmark-only dependency (benchmarks/requirements.txt): without it the
 # script skips the peer and says so, and so does this test.
-PEER_FIGURES = {"peer_pgqueuer_drain", "drain_vs_pgqueuer"}
+PEER_FIGURES = {
+    "peer_pgqueuer_drain",
+    "drain_vs_pgqueuer",
+    "peer_pgqueuer_cpu_us",
+    "peer_pgqueuer_db_cpu_us",
+    "peer_pgqueuer_cores_busy",
+}
 
 
 def test_quick_benchmark_runs_and_verifies(empty_db_url: sa.URL) -> None:
@@ -80,3 +94,8 @@ def test_quick_benchmark_runs_and_verifies(empty_db_url: sa.URL) -> None:
     for name in expected - {"claim_history_rows"}:
         assert figures[name] > 0, name
     assert figures["claim_history_rows"] >= 100_000
+    # PostgreSQL's CPU is a share of the machine's, and a drain keeps no more cores busy
+    # than the machine has.
+    for drain in ("drain_null", "drain_null_2proc"):
+        assert figures[f"{drain}_db_cpu_us"] < figures[f"{drain}_cpu_us"], drain
+        assert figures[f"{drain}_cores_busy"] <= (os.cpu_count() or 1) + 0.1, drain
