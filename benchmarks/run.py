@@ -199,8 +199,9 @@ def children(*spawned: Child) -> Iterator[tuple[Child, ...]]:
 
 @dataclass
 class CpuSpent:
-    """CPU seconds spent over an interval: the whole machine's, and PostgreSQL's share."""
+    """CPU seconds spent over `seconds` of wall time: the whole machine's, and PostgreSQL's."""
 
+    seconds: float
     machine: float
     database: float | None  # None: the server's processes are not on this machine
 
@@ -239,7 +240,7 @@ class MachineCpu:
                 spent = process.cpu_times()
                 database += spent.user + spent.system + spent.children_user + spent.children_system
                 found = True
-        return CpuSpent(machine, database if found else None)
+        return CpuSpent(time.perf_counter(), machine, database if found else None)
 
     def start(self) -> None:
         self._start = self._now()
@@ -251,7 +252,9 @@ class MachineCpu:
         database = None
         if end.database is not None and self._start.database is not None:
             database = end.database - self._start.database
-        return CpuSpent(end.machine - self._start.machine, database)
+        return CpuSpent(
+            end.seconds - self._start.seconds, end.machine - self._start.machine, database
+        )
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -290,14 +293,14 @@ class Bench:
         self.figures.append(Figure(name, value, unit))
         log(f"  {name} = {format_value(value)} {unit}")
 
-    def add_cpu(self, name: str, spent: CpuSpent | None, count: int, elapsed: float) -> None:
+    def add_cpu(self, name: str, spent: CpuSpent | None, count: int) -> None:
         """CPU time per item, the machine's and PostgreSQL's, and the cores that kept busy."""
-        if spent is None:
+        if spent is None or spent.seconds <= 0:
             return
         self.add(f"{name}_cpu_us", round(spent.machine / count * 1e6), "us CPU each")
         if spent.database is not None and self.database_is_local():
             self.add(f"{name}_db_cpu_us", round(spent.database / count * 1e6), "us CPU each")
-        self.add(f"{name}_cores_busy", round(spent.machine / elapsed, 2), "cores")
+        self.add(f"{name}_cores_busy", round(spent.machine / spent.seconds, 2), "cores")
 
     def database_is_local(self) -> bool:
         # A server elsewhere leaves only the local processes to count, maybe another server's.
@@ -594,7 +597,7 @@ class Bench:
         self.verify_all_sent(name, ids, seen)
         rate = float(n / elapsed)
         self.add(name, round(rate), "deliveries/s")
-        self.add_cpu(name, spent, n, elapsed)
+        self.add_cpu(name, spent, n)
         return rate
 
     def peer(self, drain_rate: float | None) -> None:
@@ -627,10 +630,9 @@ class Bench:
         )
         if result.get("sample_problem"):
             self.check(False, f"{label}: rendered sample: {result['sample_problem']}")
-        elapsed = done["end"] - done["start"]
-        rate = n / elapsed
+        rate = n / (done["end"] - done["start"])
         self.add(label, round(rate), "jobs/s")
-        self.add_cpu("peer_pgqueuer", spent, n, elapsed)
+        self.add_cpu("peer_pgqueuer", spent, n)
         if drain_rate is not None:
             self.add("drain_vs_pgqueuer", round(drain_rate / rate, 2), "ratio")
 
