@@ -219,42 +219,54 @@ class MachineCpu:
     """
 
     def __init__(self) -> None:
-        self._start: CpuSpent | None = None
+        self._clock_and_machine: tuple[float, float] | None = None
+        self._database: float | None = None
 
     @staticmethod
-    def _now() -> CpuSpent | None:
+    def _clock_and_machine_now() -> tuple[float, float] | None:
         try:
             import psutil
         except ImportError:
             return None
         times = psutil.cpu_times()
         # Linux also counts irq and softirq; idle, iowait and steal are not work.
-        machine = sum(
+        busy = sum(
             getattr(times, part, 0.0) for part in ("user", "nice", "system", "irq", "softirq")
         )
-        database, found = 0.0, False
+        return time.perf_counter(), busy
+
+    @staticmethod
+    def _database_now() -> float | None:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        total, found = 0.0, False
         for process in psutil.process_iter(["name"]):
             if process.info["name"] not in ("postgres", "postmaster"):
                 continue
             with contextlib.suppress(psutil.Error):
                 spent = process.cpu_times()
-                database += spent.user + spent.system + spent.children_user + spent.children_system
+                total += spent.user + spent.system + spent.children_user + spent.children_system
                 found = True
-        return CpuSpent(time.perf_counter(), machine, database if found else None)
+        return total if found else None
 
     def start(self) -> None:
-        self._start = self._now()
+        # The scan of the process table goes outside the window (before it opens, after
+        # it closes): the driver's own work would otherwise count as the drain's.
+        self._database = self._database_now()
+        self._clock_and_machine = self._clock_and_machine_now()
 
     def stop(self) -> CpuSpent | None:
-        end = self._now()
-        if self._start is None or end is None:
+        end = self._clock_and_machine_now()
+        end_database = self._database_now()
+        if self._clock_and_machine is None or end is None:
             return None
         database = None
-        if end.database is not None and self._start.database is not None:
-            database = end.database - self._start.database
-        return CpuSpent(
-            end.seconds - self._start.seconds, end.machine - self._start.machine, database
-        )
+        if end_database is not None and self._database is not None:
+            database = end_database - self._database
+        (start_clock, start_machine), (end_clock, end_machine) = self._clock_and_machine, end
+        return CpuSpent(end_clock - start_clock, end_machine - start_machine, database)
 
 
 # --- the run ----------------------------------------------------------------------------
