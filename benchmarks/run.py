@@ -314,6 +314,22 @@ class Bench:
             self.add(f"{name}_db_cpu_us", round(spent.database / count * 1e6), "us CPU each")
         self.add(f"{name}_cores_busy", round(spent.machine / spent.seconds, 2), "cores")
 
+    def wal_position(self) -> int | None:
+        """Where PostgreSQL's write-ahead log ends now, in bytes; None where it cannot say.
+
+        Read before a drain's window opens and after it closes, like the CPU counters.
+        """
+        try:
+            rows = self.sql("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
+        except sa.exc.DBAPIError:  # a standby, or a role not allowed to ask
+            return None
+        return int(rows[0][0])
+
+    def add_wal(self, name: str, start: int | None, end: int | None, count: int) -> None:
+        """WAL written per item: what replicas, archives and backups receive for it."""
+        if start is not None and end is not None:
+            self.add(f"{name}_wal_bytes", round((end - start) / count), "bytes WAL each")
+
     def database_is_local(self) -> bool:
         # A server elsewhere leaves only the local processes to count, maybe another server's.
         return self.url.host in (None, "", "localhost", "127.0.0.1", "::1")
@@ -594,12 +610,14 @@ class Bench:
                 child.expect("ready")
             ids = self.load(n, name)
             self.analyze()
+            wal_start = self.wal_position()
             cpu = MachineCpu()
             cpu.start()
             for child in spawned:
                 child.send("go")
             done = [child.expect("done") for child in spawned]
             spent = cpu.stop()
+            wal_end = self.wal_position()
             results = [child.result() for child in spawned]
         elapsed = max(d["end"] for d in done) - min(d["start"] for d in done)
         seen = [i for r in results for i in r["ids"]]
@@ -610,6 +628,7 @@ class Bench:
         rate = float(n / elapsed)
         self.add(name, round(rate), "deliveries/s")
         self.add_cpu(name, spent, n)
+        self.add_wal(name, wal_start, wal_end, n)
         return rate
 
     def peer(self, drain_rate: float | None) -> None:
@@ -625,11 +644,13 @@ class Bench:
         config = self.child_config(libpq_url=_common.libpq_url(self.url), count=n, batch_size=BATCH)
         with children(Child("pgqueuer", config, self.workdir)) as (child,):
             child.expect("ready")
+            wal_start = self.wal_position()
             cpu = MachineCpu()
             cpu.start()
             child.send("go")
             done = child.expect("done")
             spent = cpu.stop()
+            wal_end = self.wal_position()
             result = child.result()
         label = "peer_pgqueuer_drain"
         log(f"  pgqueuer ran on {result['driver']} with the {result['loop']} event loop")
@@ -645,6 +666,7 @@ class Bench:
         rate = n / (done["end"] - done["start"])
         self.add(label, round(rate), "jobs/s")
         self.add_cpu("peer_pgqueuer", spent, n)
+        self.add_wal("peer_pgqueuer", wal_start, wal_end, n)
         if drain_rate is not None:
             self.add("drain_vs_pgqueuer", round(drain_rate / rate, 2), "ratio")
 

@@ -42,6 +42,9 @@ FIXED_FIGURES = {
     "drain_null_2proc_cpu_us",
     "drain_null_2proc_db_cpu_us",
     "drain_null_2proc_cores_busy",
+    # WAL per delivery, read from the server's own position.
+    "drain_null_wal_bytes",
+    "drain_null_2proc_wal_bytes",
 }
 # pgqueuer is a benchmark-only dependency (benchmarks/requirements.txt): without it the
 # script skips the peer and says so, and so does this test.
@@ -51,6 +54,7 @@ PEER_FIGURES = {
     "peer_pgqueuer_cpu_us",
     "peer_pgqueuer_db_cpu_us",
     "peer_pgqueuer_cores_busy",
+    "peer_pgqueuer_wal_bytes",
 }
 
 
@@ -99,3 +103,6 @@ def test_quick_benchmark_runs_and_verifies(empty_db_url: sa.URL) -> None:
     for drain in ("drain_null", "drain_null_2proc"):
         assert figures[f"{drain}_db_cpu_us"] < figures[f"{drain}_cpu_us"], drain
         assert figures[f"{drain}_cores_busy"] <= (os.cpu_count() or 1) + 0.1, drain
+        # Recording a delivery writes two row versions and an attempt row: a window that
+        # missed the drain's writes would show far less.
+        assert figures[f"{drain}_wal_bytes"] > 300, drain
