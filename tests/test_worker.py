@@ -6,6 +6,7 @@ import email.parser
 import email.policy
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -517,3 +518,45 @@ def test_completion_retries_stop_before_the_lease_ends() -> None:
     assert waits[:3] == [0.2, 0.4, 0.8]
     assert sum(waits) < 10
     assert list(completion_retry_delays(time.monotonic())) == [None]
+
+
+def test_history_rows_get_version_7_ids_in_the_order_they_were_written(
+    outbox: Outbox, engine: sa.Engine
+) -> None:
+    """Recipient, attempt and dead-letter ids are RFC 9562 version 7 UUIDs made from the time.
+
+    These tables only grow: ids that begin with the time keep their inserts on the
+    last leaves of each primary key instead of a random page each, which is what
+    spares the WAL a full page image per insert after every checkpoint.
+    """
+    before = time.time_ns() // 1_000_000
+    sent = outbox.enqueue(make_mail(to=["a@example.com", "b@example.com"], cc=["c@example.com"]))
+    outbox.enqueue_many([make_mail(to=["d@example.com"])])
+    worker(outbox, MemoryTransport()).tick()
+    time.sleep(0.005)
+    refused = outbox.enqueue(make_mail(to=["e@example.com"]))
+    worker(outbox, failing(PermanentSendError(550, "5.1.1 no such user"))).tick()
+    after = time.time_ns() // 1_000_000
+
+    def ids(table: str, column: str) -> dict[uuid.UUID, list[uuid.UUID]]:
+        by_delivery: dict[uuid.UUID, list[uuid.UUID]] = {}
+        with engine.connect() as conn:
+            for row_id, delivery_id in conn.execute(
+                sa.text(f"SELECT {column}, delivery_id FROM mailoutbox.{table}")
+            ):
+                by_delivery.setdefault(delivery_id, []).append(row_id)
+        return by_delivery
+
+    recipients = ids("mail_recipients", "recipient_id")
+    attempts = ids("mail_attempts", "attempt_id")
+    dead_letters = ids("mail_dead_letters", "dead_letter_id")
+    assert list(dead_letters) == [refused.delivery_id]
+    every = [i for table in (recipients, attempts, dead_letters) for v in table.values() for i in v]
+    assert len(every) == 5 + 3 + 1  # recipients, attempts, the dead letter
+    assert len(set(every)) == len(every)
+    for value in every:
+        assert value.version == 7 and value.variant == uuid.RFC_4122, value
+        assert before <= value.int >> 80 <= after, value  # milliseconds since the epoch
+    # Written later, sorted later: the second worker's rows follow the first's.
+    assert max(recipients[sent.delivery_id]) < min(recipients[refused.delivery_id])
+    assert max(attempts[sent.delivery_id]) < min(attempts[refused.delivery_id])
