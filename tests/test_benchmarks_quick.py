@@ -42,7 +42,9 @@ FIXED_FIGURES = {
     "drain_null_2proc_cpu_us",
     "drain_null_2proc_db_cpu_us",
     "drain_null_2proc_cores_busy",
-    # WAL per delivery, read from the server's own position.
+    # WAL per mail enqueued and per delivery, read from the server's own position.
+    "enqueue_single_wal_bytes",
+    "enqueue_many_wal_bytes",
     "drain_null_wal_bytes",
     "drain_null_2proc_wal_bytes",
 }
@@ -106,3 +108,6 @@ def test_quick_benchmark_runs_and_verifies(empty_db_url: sa.URL) -> None:
         # Recording a delivery writes two row versions and an attempt row: a window that
         # missed the drain's writes would show far less.
         assert figures[f"{drain}_wal_bytes"] > 300, drain
+    # An enqueue writes the mail itself (a 1 KB body here) into the WAL.
+    for enqueue in ("enqueue_single", "enqueue_many"):
+        assert figures[f"{enqueue}_wal_bytes"] > 1000, enqueue
