@@ -87,7 +87,7 @@ def new_row_id() -> sa.ColumnElement[Any]:
     same few leaves instead. With 2,000,000 attempts in the history, a drain
     right after a checkpoint wrote 4.45 KB of WAL per delivery with random
     attempt ids and 1.95 KB with these (benchmarks/README.md, session 10).
-    PostgreSQL 18's uuidv7() does the same; this expression also runs on 13-17.
+    PostgreSQL 18's uuidv7() does the same; this expression runs on 13 and later too.
     """
     return sa.literal_column(_V7_UUID_SQL, UUID)
 
