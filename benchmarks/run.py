@@ -384,11 +384,19 @@ class Bench:
     def status_counts(self) -> dict[Status, int]:
         return self.outbox.count_by_status()
 
-    def verify_all_sent(self, label: str, ids: set[str], seen: Sequence[str]) -> None:
-        """The database counts every delivery sent once; the transport saw each id once."""
+    def verify_all_sent(
+        self, label: str, ids: set[str], seen: Sequence[str], *, history: int = 0
+    ) -> None:
+        """The database counts every delivery sent once; the transport saw each id once.
+
+        `history`: sent deliveries (one 'sent' attempt each) in the table before.
+        """
         counts = self.status_counts()
         n = len(ids)
-        self.check(counts[Status.SENT] == n, f"{label}: {counts[Status.SENT]} sent, expected {n}")
+        total = history + n
+        self.check(
+            counts[Status.SENT] == total, f"{label}: {counts[Status.SENT]} sent, expected {total}"
+        )
         others = {s.value: c for s, c in counts.items() if s is not Status.SENT and c}
         self.check(not others, f"{label}: deliveries left in other states: {others}")
         attempts = self.sql(
@@ -396,8 +404,9 @@ class Bench:
             "WHERE outcome = 'sent'"
         )[0]
         self.check(
-            attempts[0] == n and attempts[1] == n,
-            f"{label}: {attempts[0]} 'sent' attempts for {attempts[1]} deliveries, expected {n}",
+            attempts[0] == total and attempts[1] == total,
+            f"{label}: {attempts[0]} 'sent' attempts for {attempts[1]} deliveries, "
+            f"expected {total}",
         )
         dupes = [d for d, c in Counter(seen).items() if c > 1]
         self.check(not dupes, f"{label}: {len(dupes)} deliveries sent more than once")
@@ -598,13 +607,19 @@ class Bench:
             f"{label}: rows (deliveries, payloads, recipients) = {tuple(rows)}, expected {n} each",
         )
 
-    def drain(self, name: str, processes: int) -> float:
+    def drain(self, name: str, processes: int, *, history: int = 0) -> float:
+        """`processes` workers drain `scale.drain` due deliveries; answer deliveries/s.
+
+        `history`: that many sent deliveries are in the table already (generate_history),
+        and stay; otherwise the drain starts on empty tables.
+        """
         n = self.scale.drain
         log(
             f"{name}: {processes} worker process(es) draining {n} due deliveries "
-            "into the null transport"
+            f"into the null transport{f', {history} sent ones in the table' if history else ''}"
         )
-        self.reset()
+        if not history:
+            self.reset()
         spawned = []
         for k in range(processes):
             extra: dict[str, Any] = {}
@@ -630,7 +645,7 @@ class Bench:
         for r in results:
             if r.get("sample_problem"):
                 self.check(False, f"{name}: rendered sample: {r['sample_problem']}")
-        self.verify_all_sent(name, ids, seen)
+        self.verify_all_sent(name, ids, seen, history=history)
         rate = float(n / elapsed)
         self.add(name, round(rate), "deliveries/s")
         self.add_cpu(name, spent, n)
@@ -784,6 +799,9 @@ class Bench:
         started = time.perf_counter()
         self.generate_history(rows)
         log(f"  history generated, vacuumed and analyzed in {time.perf_counter() - started:.1f}s")
+        if self.wanted("drain_null_1m"):
+            self.drain("drain_null_1m", 1, history=rows)
+            rows += self.scale.drain
         log(f"claim_ms_1m: {rounds} claims of {BATCH} with {rows} sent deliveries in the table")
         self.add("claim_ms_1m", round(self.measure_claims(rounds, "1m"), 3), "ms")
         self.add("claim_history_rows", rows, "rows")
@@ -814,28 +832,42 @@ class Bench:
         construction, so where the role may (superuser) the inserts skip the
         foreign-key triggers (session_replication_role = replica), which takes the
         generation of 1M rows from minutes to seconds. History bodies are short:
-        the claim never reads the payloads of sent mail.
+        the claim never reads the payloads of sent mail. The ids are version-7 UUIDs
+        at each row's time, as mailoutbox makes them, so the history's indexes have
+        the shape a real outbox's have.
         """
         s = f'"{self.schema}"'
         when = f"now() - interval '30 days' * (1 - g::float8 / {rows})"
+
+        def time_ordered(kind: str) -> str:
+            # A version-7 UUID as mailoutbox makes them (the delivery's from the client,
+            # the others' from the server: statements.new_row_id), at the row's own time,
+            # its random part from md5 so the same g gives the same id in each statement.
+            digits = f"md5('{kind}' || g)"
+            return (
+                f"(lpad(to_hex((extract(epoch FROM {when}) * 1000)::int8), 12, '0') || '7' "
+                f"|| substr({digits}, 1, 3) || '8' || substr({digits}, 4, 15))::uuid"
+            )
+
+        delivery = time_ordered("d")
         statements = [
             f"INSERT INTO {s}.mail_payloads (payload_id, content_type, subject, body, sender, "
             "headers, created_at) "
-            "SELECT md5('p' || g)::uuid, 'text/plain', 'Your order #' || g || ' has shipped', "
+            f"SELECT {delivery}, 'text/plain', 'Your order #' || g || ' has shipped', "
             "convert_to('Your order #' || g || E' has shipped.\\n', 'UTF8'), "
             f"'{_common.SENDER}', '[]'::jsonb, {when} FROM generate_series(1, {rows}) g",
             f"INSERT INTO {s}.mail_deliveries (delivery_id, template_id, idempotency_key, "
             "status, attempts, next_attempt_at, payload_id, created_at, updated_at, sent_at, "
             "cycle_started_at) "
-            f"SELECT md5('d' || g)::uuid, '{_common.TEMPLATE}', 'history-' || g, 'sent', 1, "
-            "NULL, md5('p' || g)::uuid, t, t, t, t "
+            f"SELECT {delivery}, '{_common.TEMPLATE}', 'history-' || g, 'sent', 1, "
+            f"NULL, {delivery}, t, t, t, t "
             f"FROM (SELECT g, {when} AS t FROM generate_series(1, {rows}) g) x",
             f"INSERT INTO {s}.mail_recipients (recipient_id, delivery_id, address, kind, position) "
-            "SELECT gen_random_uuid(), md5('d' || g)::uuid, 'customer' || g || '@example.com', "
+            f"SELECT {time_ordered('r')}, {delivery}, 'customer' || g || '@example.com', "
             f"'to', 0 FROM generate_series(1, {rows}) g",
             f"INSERT INTO {s}.mail_attempts (attempt_id, delivery_id, attempt_no, started_at, "
             "finished_at, outcome, error, worker) "
-            f"SELECT gen_random_uuid(), md5('d' || g)::uuid, 1, {when}, {when}, 'sent', '', "
+            f"SELECT {time_ordered('a')}, {delivery}, 1, {when}, {when}, 'sent', '', "
             f"'history' FROM generate_series(1, {rows}) g",
         ]
         try:
@@ -883,7 +915,7 @@ class Bench:
             self.smtp()
         if self.wanted("latency_p50_ms", "latency_p99_ms"):
             self.latency()
-        if self.wanted("claim_ms_empty", "claim_ms_1m"):
+        if self.wanted("claim_ms_empty", "claim_ms_1m", "drain_null_1m"):
             self.claim()
         self.add("load_avg_1m_end", round(os.getloadavg()[0], 2), "runnable tasks")
 
