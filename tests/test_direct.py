@@ -56,6 +56,20 @@ def test_a_lost_connection_fails_one_enqueue_and_the_next_one_reconnects(
     assert row_counts(engine)["mail_deliveries"] == 2
 
 
+def test_a_failed_enqueue_leaves_its_connection_usable(one_conn_engine: sa.Engine) -> None:
+    """A statement that fails on the pooled connection spoils nothing for the next enqueue."""
+    outbox = Outbox(one_conn_engine, schema=SCHEMA, default_sender=DEFAULT_SENDER)
+    outbox.enqueue(make_mail())
+    pid = _backend_pid(one_conn_engine)
+    elsewhere = Outbox(one_conn_engine, schema="not_migrated", default_sender=DEFAULT_SENDER)
+    with pytest.raises(SchemaNotMigrated):
+        elsewhere.enqueue(make_mail())
+
+    assert outbox.enqueue(make_mail()).created
+    assert _backend_pid(one_conn_engine) == pid  # the same connection, not a new one
+    assert outbox.count_by_status()[Status.PENDING] == 2
+
+
 def test_errors_name_no_mail_content(empty_db_url: sa.URL) -> None:
     """Statement parameters (bodies, addresses) stay out of exception text and logs."""
     engine = sa.create_engine(empty_db_url)
