@@ -66,9 +66,10 @@ class DirectConnection:
             # Only the batch statements are compiled for the driver (operations.driver_sql).
             raise TypeError("DirectConnection runs driver queries (Query.arrays) only")
         sql, params = ops.driver_call(query, self._dialect)
-        # A statement answered by its row count leaves no rows behind in the cursor,
-        # so the connection's kept cursor serves; rows (a claim's) go with theirs.
-        kept = query.fetch == "rowcount"
+        # A statement answered by its row count, or by nothing (the NOTIFY), leaves no
+        # rows behind in the cursor, so the connection's kept cursor serves; rows (a
+        # claim's) go with a cursor of their own.
+        kept = query.fetch in ("rowcount", "none")
         cursor = self._kept_cursor() if kept else self._driver.cursor(binary=True)
         try:
             cursor.execute(sql, params)
