@@ -87,7 +87,7 @@ class DirectConnection:
 
         A new psycopg cursor sets up its parameter adapters anew: for `enqueue`
         from 8 threads, bound by the client's one core, keeping one cut the
-        client's CPU from 266-286 to 257-263 us per mail (benchmarks/README.md).
+        client's CPU per mail by about 6 % (benchmarks/README.md, item 16).
         """
         info = self._conn.connection.info  # follows the DBAPI connection, not the checkout
         cursor: psycopg.Cursor[Any] | None = info.get(_KEPT_CURSOR)
