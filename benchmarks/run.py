@@ -269,6 +269,14 @@ class MachineCpu:
         return CpuSpent(end_clock - start_clock, end_machine - start_machine, database)
 
 
+@dataclass
+class Cost:
+    """What a measured window cost: the CPU (when it was asked for) and the WAL written."""
+
+    cpu: CpuSpent | None = None
+    wal_bytes: int | None = None
+
+
 # --- the run ----------------------------------------------------------------------------
 
 
@@ -305,30 +313,45 @@ class Bench:
         self.figures.append(Figure(name, value, unit))
         log(f"  {name} = {format_value(value)} {unit}")
 
-    def add_cpu(self, name: str, spent: CpuSpent | None, count: int) -> None:
-        """CPU time per item, the machine's and PostgreSQL's, and the cores that kept busy."""
-        if spent is None or spent.seconds <= 0:
-            return
-        self.add(f"{name}_cpu_us", round(spent.machine / count * 1e6), "us CPU each")
-        if spent.database is not None and self.database_is_local():
-            self.add(f"{name}_db_cpu_us", round(spent.database / count * 1e6), "us CPU each")
-        self.add(f"{name}_cores_busy", round(spent.machine / spent.seconds, 2), "cores")
+    @contextlib.contextmanager
+    def costing(self, *, cpu: bool) -> Iterator[Cost]:
+        """Measure the block's WAL and, with `cpu`, its CPU; filled in once it ends.
+
+        The WAL position is read outside the CPU window, so that query is not counted.
+        """
+        cost = Cost()
+        wal_start = self.wal_position()
+        machine = MachineCpu() if cpu else None
+        if machine is not None:
+            machine.start()
+        yield cost
+        if machine is not None:
+            cost.cpu = machine.stop()
+        wal_end = self.wal_position()
+        if wal_start is not None and wal_end is not None:
+            cost.wal_bytes = wal_end - wal_start
+
+    def add_cost(self, name: str, cost: Cost, count: int) -> None:
+        """Per item: CPU (the machine's, PostgreSQL's, the cores kept busy) and WAL written.
+
+        The WAL is what replicas, archives and backups receive for each mail or delivery.
+        """
+        spent = cost.cpu
+        if spent is not None and spent.seconds > 0:
+            self.add(f"{name}_cpu_us", round(spent.machine / count * 1e6), "us CPU each")
+            if spent.database is not None and self.database_is_local():
+                self.add(f"{name}_db_cpu_us", round(spent.database / count * 1e6), "us CPU each")
+            self.add(f"{name}_cores_busy", round(spent.machine / spent.seconds, 2), "cores")
+        if cost.wal_bytes is not None:
+            self.add(f"{name}_wal_bytes", round(cost.wal_bytes / count), "bytes WAL each")
 
     def wal_position(self) -> int | None:
-        """Where PostgreSQL's write-ahead log ends now, in bytes; None where it cannot say.
-
-        Read before a drain's window opens and after it closes, like the CPU counters.
-        """
+        """Where PostgreSQL's write-ahead log ends now, in bytes; None where it cannot say."""
         try:
             rows = self.sql("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn")
         except sa.exc.DBAPIError:  # a standby, or a role not allowed to ask
             return None
         return int(rows[0][0])
-
-    def add_wal(self, name: str, start: int | None, end: int | None, count: int) -> None:
-        """WAL written per mail or delivery: what replicas, archives and backups receive."""
-        if start is not None and end is not None:
-            self.add(f"{name}_wal_bytes", round((end - start) / count), "bytes WAL each")
 
     def database_is_local(self) -> bool:
         # A server elsewhere leaves only the local processes to count, maybe another server's.
@@ -441,15 +464,14 @@ class Bench:
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-        wal_start = self.wal_position()
-        elapsed = self.timed_threads(run, barrier)
-        wal_end = self.wal_position()
+        with self.costing(cpu=False) as cost:
+            elapsed = self.timed_threads(run, barrier)
         if errors:
             raise errors[0]
         enqueued = [r for out in results for r in out]
         self.verify_enqueued("enqueue_single", enqueued, n)
         self.add("enqueue_single", round(n / elapsed), "mails/s")
-        self.add_wal("enqueue_single", wal_start, wal_end, n)
+        self.add_cost("enqueue_single", cost, n)
 
     def enqueue_many(self) -> None:
         n = self.scale.enqueue_many
@@ -460,15 +482,14 @@ class Bench:
             for lo in range(0, n, BATCH)
         ]
         enqueued: list[Any] = []
-        wal_start = self.wal_position()
-        start = time.perf_counter()
-        for batch in batches:
-            enqueued.extend(self.outbox.enqueue_many(batch))
-        elapsed = time.perf_counter() - start
-        wal_end = self.wal_position()
+        with self.costing(cpu=False) as cost:
+            start = time.perf_counter()
+            for batch in batches:
+                enqueued.extend(self.outbox.enqueue_many(batch))
+            elapsed = time.perf_counter() - start
         self.verify_enqueued("enqueue_many", enqueued, n)
         self.add("enqueue_many", round(n / elapsed), "mails/s")
-        self.add_wal("enqueue_many", wal_start, wal_end, n)
+        self.add_cost("enqueue_many", cost, n)
 
     # The two ceilings below measure this machine, not mailoutbox: the issue's targets
     # were set against "the database alone" and "the commit-bound ceiling" of its
@@ -631,14 +652,10 @@ class Bench:
                 child.expect("ready")
             ids = self.load(n, name)
             self.analyze()
-            wal_start = self.wal_position()
-            cpu = MachineCpu()
-            cpu.start()
-            for child in spawned:
-                child.send("go")
-            done = [child.expect("done") for child in spawned]
-            spent = cpu.stop()
-            wal_end = self.wal_position()
+            with self.costing(cpu=True) as cost:
+                for child in spawned:
+                    child.send("go")
+                done = [child.expect("done") for child in spawned]
             results = [child.result() for child in spawned]
         elapsed = max(d["end"] for d in done) - min(d["start"] for d in done)
         seen = [i for r in results for i in r["ids"]]
@@ -648,8 +665,7 @@ class Bench:
         self.verify_all_sent(name, ids, seen, history=history)
         rate = float(n / elapsed)
         self.add(name, round(rate), "deliveries/s")
-        self.add_cpu(name, spent, n)
-        self.add_wal(name, wal_start, wal_end, n)
+        self.add_cost(name, cost, n)
         return rate
 
     def peer(self, drain_rate: float | None) -> None:
@@ -665,13 +681,9 @@ class Bench:
         config = self.child_config(libpq_url=_common.libpq_url(self.url), count=n, batch_size=BATCH)
         with children(Child("pgqueuer", config, self.workdir)) as (child,):
             child.expect("ready")
-            wal_start = self.wal_position()
-            cpu = MachineCpu()
-            cpu.start()
-            child.send("go")
-            done = child.expect("done")
-            spent = cpu.stop()
-            wal_end = self.wal_position()
+            with self.costing(cpu=True) as cost:
+                child.send("go")
+                done = child.expect("done")
             result = child.result()
         label = "peer_pgqueuer_drain"
         log(f"  pgqueuer ran on {result['driver']} with the {result['loop']} event loop")
@@ -686,8 +698,7 @@ class Bench:
             self.check(False, f"{label}: rendered sample: {result['sample_problem']}")
         rate = n / (done["end"] - done["start"])
         self.add(label, round(rate), "jobs/s")
-        self.add_cpu("peer_pgqueuer", spent, n)
-        self.add_wal("peer_pgqueuer", wal_start, wal_end, n)
+        self.add_cost("peer_pgqueuer", cost, n)
         if drain_rate is not None:
             self.add("drain_vs_pgqueuer", round(drain_rate / rate, 2), "ratio")
 
