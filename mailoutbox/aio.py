@@ -323,7 +323,7 @@ class AsyncWorker(WorkerSettings):
         with contextlib.suppress(Exception):
             claimed, lease_ends = await claim
             if claimed:
-                async with self.engine.begin() as conn:
+                async with transaction(self.engine) as conn:
                     await self._record(conn, SentBatch(claimed, [None] * len(claimed), lease_ends))
 
     def _may_claim(self) -> bool:
