@@ -452,6 +452,16 @@ class WorkerSettings:
         self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
         self.pause = ServerPause()
 
+    def more_may_be_due(self, claimed: Sequence[ClaimedDelivery]) -> bool:
+        """Whether a claim that answered `claimed` may have left due rows behind.
+
+        A full batch may have; so may a row whose lease expired, which a claim
+        takes alone (statements.claim_due) whatever else is due.
+        """
+        return len(claimed) == self.batch_size or (
+            len(claimed) == 1 and claimed[0].previous_status is Status.SENDING
+        )
+
     def outcome_of_send(
         self,
         claimed: ClaimedDelivery,

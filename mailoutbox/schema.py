@@ -42,6 +42,9 @@ class Status(str, enum.Enum):
 
 # Claimable rows: waiting ones, and `sending` ones whose lease may have expired.
 ACTIVE_STATUSES = (Status.PENDING, Status.RETRYING, Status.SENDING)
+# Waiting to be sent; a claim takes these in batches. A `sending` row whose lease
+# ran out is claimed on its own (statements.claim_due says why).
+WAITING_STATUSES = (Status.PENDING, Status.RETRYING)
 TERMINAL_STATUSES = (Status.SENT, Status.DEAD_LETTERED, Status.CANCELLED)
 
 
@@ -184,12 +187,19 @@ def _tables_for(schema: str) -> Tables:
         # Claimed rows are rewritten several times; room on the page keeps those updates HOT.
         postgresql_with={"fillfactor": "80"},
     )
-    # The claim query's index: only rows a worker may still need, in claim order, so
-    # its size tracks the backlog, not the history of sent mail.
+    # The claim query's indexes: only rows a worker may still need, in claim order,
+    # so their size tracks the backlog and the leases, not the history of sent mail.
+    # Waiting rows and leased rows apart, because a claim looks for each on its own;
+    # a row is in one of them at most, so a claim or a completion updates one.
     sa.Index(
         "mail_deliveries_due_idx",
         deliveries.c.next_attempt_at,
-        postgresql_where=sa.text(_in("status", ACTIVE_STATUSES)),
+        postgresql_where=sa.text(_in("status", WAITING_STATUSES)),
+    )
+    sa.Index(
+        "mail_deliveries_leased_idx",
+        deliveries.c.next_attempt_at,
+        postgresql_where=sa.text(_in("status", (Status.SENDING,))),
     )
     sa.Index("mail_deliveries_created_at_idx", deliveries.c.created_at)
     sa.Index("mail_deliveries_payload_id_idx", deliveries.c.payload_id)

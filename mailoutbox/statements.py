@@ -8,7 +8,8 @@ makes a batch of any size one statement and one round trip.
 
 Status constants are rendered as SQL literals, not bind parameters, wherever a
 partial index must match: the planner can only use `mail_deliveries_due_idx`
-when it can prove the query's status filter implies the index predicate.
+(or `mail_deliveries_leased_idx`) when it can prove the query's status filter
+implies the index predicate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from .schema import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
+    WAITING_STATUSES,
     Outcome,
     Status,
     Tables,
@@ -410,8 +412,15 @@ def claim_due(t: Tables) -> sa.Select[Any]:
     Parameters: limit, worker, token, lease_seconds, exclude (uuid[]).
 
     Due means pending/retrying with next_attempt_at <= now(), or sending with an
-    expired lease: a claim sets next_attempt_at to the lease expiry, so one
-    range scan of the partial due index, in next_attempt_at order, finds both.
+    expired lease (a claim sets next_attempt_at to the lease expiry). A row whose
+    lease expired is claimed alone, before anything else: its worker died or hung
+    while it was leased, perhaps because of that very row, and a row that kills
+    every worker sending it would otherwise be claimed again and again with the
+    same batch mates, charging each of them an attempt every time until they were
+    all dead-lettered with it. Alone, it is charged its own attempts, and each of
+    its former mates one at most. Otherwise waiting rows are claimed, up to
+    :limit, in next_attempt_at order. Each kind is one range scan of its own
+    partial index (`mail_deliveries_leased_idx`, `mail_deliveries_due_idx`).
     FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint rows without
     waiting on each other. `exclude` holds the ids this tick already handled, so
     a delivery retried with zero delay is not claimed twice in one tick.
@@ -421,24 +430,34 @@ def claim_due(t: Tables) -> sa.Select[Any]:
     come back in the same round trip.
     """
     d, p, r = t.deliveries, t.payloads, t.recipients
-    picked = (
-        sa.select(
-            d.c.delivery_id,
-            d.c.status.label("previous_status"),
-            d.c.locked_by.label("previous_worker"),
-            d.c.updated_at.label("previous_claimed_at"),
-            d.c.next_attempt_at.label("due_at"),
+
+    def due(status: sa.ColumnElement[bool], limit: Any, *also: sa.ColumnElement[bool]) -> Any:
+        return (
+            sa.select(
+                d.c.delivery_id,
+                d.c.status.label("previous_status"),
+                d.c.locked_by.label("previous_worker"),
+                d.c.updated_at.label("previous_claimed_at"),
+                d.c.next_attempt_at.label("due_at"),
+            )
+            .where(
+                status,
+                d.c.next_attempt_at <= _NOW,
+                d.c.delivery_id != sa.func.all(_array("exclude", UUID)),
+                *also,
+            )
+            .order_by(d.c.next_attempt_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
         )
-        .where(
-            _status_in(d.c.status, ACTIVE_STATUSES),
-            d.c.next_attempt_at <= _NOW,
-            d.c.delivery_id != sa.func.all(_array("exclude", UUID)),
-        )
-        .order_by(d.c.next_attempt_at)
-        .limit(sa.bindparam("limit"))
-        .with_for_update(skip_locked=True)
-        .cte("picked")
-    )
+
+    expired = due(d.c.status == _lit(Status.SENDING), sa.literal_column("1")).cte("expired_lease")
+    waiting = due(
+        _status_in(d.c.status, WAITING_STATUSES),
+        sa.bindparam("limit"),
+        ~sa.exists(sa.select(expired.c.delivery_id)),
+    ).cte("waiting")
+    picked = sa.union_all(sa.select(expired), sa.select(waiting)).cte("picked")
     lease_end = _NOW + _seconds(sa.bindparam("lease_seconds", type_=sa.Float))
     claimed = (
         sa.update(d)

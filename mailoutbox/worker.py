@@ -12,7 +12,10 @@ One pass (`tick`) repeats claim -> send -> complete until nothing is due:
 A worker that dies between 1 and 3 loses nothing: its rows become due again
 when the lease expires, and the next claim records a `lease_expired` attempt.
 Attempts are counted at claim time, so a delivery that kills its worker every
-time still ends dead-lettered after `max_attempts`.
+time still ends dead-lettered after `max_attempts`. A row whose lease expired is
+claimed alone, so that such a delivery does not take the rest of its batch
+down with it: each of them is charged one `lease_expired` attempt, not one per
+death.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ class Worker(WorkerSettings):
         connection of its own while that record is written, and sends only once
         it is committed. So a crash repeats the sends of one batch at most, and
         a batch is never claimed (and charged an attempt) while another sends: a
-        poison mail that kills its worker mid-send charges its own batch alone.
+        poison mail that kills its worker mid-send charges its own batch alone,
+        and once, because a row whose lease expired is claimed alone.
         """
         report = TickReport()
         exclude: list[uuid.UUID] = []  # retried this tick: not to be claimed again
@@ -109,7 +113,7 @@ class Worker(WorkerSettings):
             # dead-lettered ones are out of reach of the claim anyway.
             exclude.extend(sent.retried_ids())
             next_claim: Future[tuple[list[ClaimedDelivery], float]] | None = None
-            if len(claimed) == self.batch_size and self._may_claim():
+            if self.more_may_be_due(claimed) and self._may_claim():
                 # The record below may commit while this claim runs: keep the whole
                 # batch out of it, whatever comes back due (retried, handed back).
                 ahead = exclude + [c.delivery_id for c in claimed]

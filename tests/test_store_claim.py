@@ -182,6 +182,40 @@ def test_expired_lease_is_claimed_again_and_recorded(engine: sa.Engine, outbox: 
     assert lost.attempt_no == 1
 
 
+def test_an_expired_lease_is_claimed_alone_and_before_waiting_mail(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """Rows whose lease ran out come back one per claim, oldest lease first; then batches.
+
+    One of them may be what killed the worker that held them all: claimed alone,
+    it cannot charge the others an attempt each time it kills again.
+    """
+    lost = [r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(3)])]
+    claim(engine, outbox, worker="dead-worker")
+    expire_leases(engine)
+    waiting = {r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(4)])}
+    retaken = []
+    for _ in lost:
+        [one] = claim(engine, outbox, limit=10, worker="heir")
+        assert one.previous_status is Status.SENDING
+        retaken.append(one.delivery_id)
+    assert sorted(retaken) == sorted(lost)
+    batch = claim(engine, outbox, limit=10, worker="heir")
+    assert {c.delivery_id for c in batch} == waiting
+    assert {c.previous_status for c in batch} == {Status.PENDING}
+    assert claim(engine, outbox, limit=10) == []
+
+
+def test_a_lease_that_has_not_expired_does_not_hold_up_waiting_mail(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """Only an expired lease is claimed alone; live leases leave the batch claim alone."""
+    outbox.enqueue_many([make_mail() for _ in range(2)])
+    claim(engine, outbox, worker="alive", lease=60.0)
+    waiting = {r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(5)])}
+    assert {c.delivery_id for c in claim(engine, outbox, limit=10)} == waiting
+
+
 def test_stale_claim_token_changes_nothing(engine: sa.Engine, outbox: Outbox) -> None:
     """A worker that lost its lease cannot overwrite the new holder's outcome."""
     enq = outbox.enqueue(make_mail())

@@ -29,6 +29,7 @@ from mailoutbox.worker import TickReport, Worker
 
 from .async_bridge import make_worker
 from .factories import make_mail, row_counts, running
+from .test_store_claim import expire_leases
 
 NO_DELAY = RetryPolicy(max_attempts=3, base_delay=timedelta(0), max_delay=timedelta(0))
 
@@ -79,6 +80,22 @@ def test_tick_drains_several_batches(outbox: Outbox) -> None:
     assert report.claimed == 25 and report.sent == 25
     assert len({e.delivery_id for e in transport.sent}) == 25
     assert outbox.count_by_status()[Status.SENT] == 25
+
+
+def test_tick_takes_over_a_dead_workers_batch_and_the_mail_behind_it(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """Expired leases come back one per claim, and the tick goes on to the waiting mail."""
+    lost = {r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(4)])}
+    with engine.begin() as conn:
+        outbox.store.claim_due(conn, limit=10, worker="dead", lease_seconds=60.0)
+    expire_leases(engine)
+    waiting = {r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(6)])}
+    transport = MemoryTransport()
+    report = worker(outbox, transport, batch_size=10).tick()
+    assert report.claimed == 10 and report.sent == 10
+    assert {e.delivery_id for e in transport.sent} == lost | waiting
+    assert outbox.count_by_status()[Status.SENT] == 10
 
 
 def test_transient_failure_schedules_retry_by_policy(engine: sa.Engine, outbox: Outbox) -> None:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,16 +99,25 @@ def test_sigkill_mid_batch_loses_nothing(
     assert 0 < lost_attempts <= held
 
 
-def test_delivery_that_kills_its_worker_every_time_ends_dead_lettered(
-    engine: sa.Engine, db_url: sa.URL, outbox: Outbox, tmp_path: Path
-) -> None:
-    """A poison mail that SIGKILLs each worker is dead-lettered after max attempts."""
-    log = tmp_path / "sent.log"
-    poison = outbox.enqueue(make_mail(subject="poison")).delivery_id
-    others = [r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(5)])]
+def kill_rounds_with_poison(
+    db_url: sa.URL,
+    outbox: Outbox,
+    log: Path,
+    poison: uuid.UUID,
+    others: list[uuid.UUID],
+    *,
+    batch: int,
+) -> int:
+    """Start workers (max 3 attempts, one send thread) one after another until the
+    poison mail is dead-lettered and the others are sent; answer how many were SIGKILLed."""
+
+    def finished() -> bool:
+        statuses = {outbox.get_delivery(i).status for i in [poison, *others]}
+        return statuses == {Status.DEAD_LETTERED, Status.SENT}
+
     kills = 0
     for round_ in range(8):
-        if outbox.get_delivery(poison).status is Status.DEAD_LETTERED:
+        if finished():
             break
         proc = start_worker(
             db_url,
@@ -116,7 +126,7 @@ def test_delivery_that_kills_its_worker_every_time_ends_dead_lettered(
             "--lease",
             "1",
             "--batch",
-            "1",
+            str(batch),
             "--concurrency",
             "1",
             "--max-attempts",
@@ -124,12 +134,9 @@ def test_delivery_that_kills_its_worker_every_time_ends_dead_lettered(
         )
         try:
             wait_for(
-                lambda proc=proc: (  # type: ignore[misc]
-                    proc.poll() is not None
-                    or outbox.get_delivery(poison).status is Status.DEAD_LETTERED
-                ),
+                lambda proc=proc: proc.poll() is not None or finished(),  # type: ignore[misc]
                 30,
-                "the worker to die or the poison to be dead-lettered",
+                "the worker to die or to finish the mail",
             )
         finally:
             if proc.poll() is None:
@@ -138,6 +145,17 @@ def test_delivery_that_kills_its_worker_every_time_ends_dead_lettered(
             else:
                 kills += proc.returncode == -signal.SIGKILL
         time.sleep(1.1)  # let the lease of the dead worker run out
+    return kills
+
+
+def test_delivery_that_kills_its_worker_every_time_ends_dead_lettered(
+    engine: sa.Engine, db_url: sa.URL, outbox: Outbox, tmp_path: Path
+) -> None:
+    """A poison mail that SIGKILLs each worker is dead-lettered after max attempts."""
+    log = tmp_path / "sent.log"
+    poison = outbox.enqueue(make_mail(subject="poison")).delivery_id
+    others = [r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(5)])]
+    kills = kill_rounds_with_poison(db_url, outbox, log, poison, others, batch=1)
     delivery = outbox.get_delivery(poison)
     assert delivery.status is Status.DEAD_LETTERED
     assert delivery.last_error.startswith("attempts exhausted (3)")
@@ -146,6 +164,32 @@ def test_delivery_that_kills_its_worker_every_time_ends_dead_lettered(
     assert outcomes == [Outcome.LEASE_EXPIRED] * 3
     for other in others:
         assert outbox.get_delivery(other).status is Status.SENT
+
+
+def test_a_poison_mail_does_not_take_its_batch_mates_down_with_it(
+    engine: sa.Engine, db_url: sa.URL, outbox: Outbox, tmp_path: Path
+) -> None:
+    """The mail claimed in one batch with a poison mail is charged one attempt, then sent.
+
+    Each death leaves the whole batch leased. Claimed again together, the mates
+    would be charged an attempt at every death of the poison's, and be
+    dead-lettered with it; a row whose lease expired is therefore claimed alone.
+    """
+    log = tmp_path / "sent.log"
+    poison = outbox.enqueue(make_mail(subject="poison")).delivery_id
+    mates = [r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(9)])]
+    kills = kill_rounds_with_poison(db_url, outbox, log, poison, mates, batch=10)
+    assert kills == 3
+    delivery = outbox.get_delivery(poison)
+    assert delivery.status is Status.DEAD_LETTERED
+    assert [a.outcome for a in outbox.list_attempts(poison)] == [Outcome.LEASE_EXPIRED] * 3
+    # The poison, enqueued first, is the first send of the first batch: its first
+    # death leaves the nine mates leased and unsent, and charges each of them once.
+    for mate in mates:
+        assert outbox.get_delivery(mate).status is Status.SENT
+        outcomes = [a.outcome for a in outbox.list_attempts(mate)]
+        assert outcomes == [Outcome.LEASE_EXPIRED, Outcome.SENT]
+    assert len(lines(log)) == len(set(lines(log))) == 9
 
 
 def test_sigterm_finishes_in_flight_and_leaves_no_lease(
