@@ -444,13 +444,12 @@ def claim_due(
 ) -> Plan[list[ClaimedDelivery]]:
     """Lease up to `limit` due deliveries (see statements.claim_due); commit right after."""
     params = {
-        "limit": limit,
         "worker": worker,
         "lease_seconds": float(lease_seconds),
         "exclude": list(exclude),
         "token": claim_token or uuid.uuid4(),
     }
-    rows = yield Query(st.claim_due(t), params, arrays=True)
+    rows = yield Query(st.claim_due(t, limit), params, arrays=True)
     return [claimed_from_row(row) for row in rows]
 
 

@@ -405,11 +405,16 @@ CLAIM_RESULT = (
 )
 
 
-@functools.lru_cache(maxsize=32)
-def claim_due(t: Tables) -> sa.Select[Any]:
-    """Lease up to :limit due deliveries to :worker and return them ready to send.
+@functools.lru_cache(maxsize=64)
+def claim_due(t: Tables, limit: int) -> sa.Select[Any]:
+    """Lease up to `limit` due deliveries to :worker and return them ready to send.
 
-    Parameters: limit, worker, token, lease_seconds, exclude (uuid[]).
+    Parameters: worker, token, lease_seconds, exclude (uuid[]).
+
+    `limit` is written into the statement, not bound: a worker's batch size never
+    changes, and a LIMIT the planner cannot see made PostgreSQL plan the prepared
+    claim afresh on every execution (its generic plan, costed for an unknown
+    LIMIT, never looked cheaper than a custom one): 0.6-0.7 ms per claim.
 
     Due means pending/retrying with next_attempt_at <= now(), or sending with an
     expired lease (a claim sets next_attempt_at to the lease expiry). A row whose
@@ -419,7 +424,7 @@ def claim_due(t: Tables) -> sa.Select[Any]:
     same batch mates, charging each of them an attempt every time until they were
     all dead-lettered with it. Alone, it is charged its own attempts, and each of
     its former mates one at most. Otherwise waiting rows are claimed, up to
-    :limit, in next_attempt_at order. Each kind is one range scan of its own
+    `limit`, in next_attempt_at order. Each kind is one range scan of its own
     partial index (`mail_deliveries_leased_idx`, `mail_deliveries_due_idx`).
     FOR UPDATE SKIP LOCKED lets concurrent workers take disjoint rows without
     waiting on each other. `exclude` holds the ids this tick already handled, so
@@ -454,7 +459,7 @@ def claim_due(t: Tables) -> sa.Select[Any]:
     expired = due(d.c.status == _lit(Status.SENDING), sa.literal_column("1")).cte("expired_lease")
     waiting = due(
         _status_in(d.c.status, WAITING_STATUSES),
-        sa.bindparam("limit"),
+        sa.literal_column(str(int(limit))),
         ~sa.exists(sa.select(expired.c.delivery_id)),
     ).cte("waiting")
     picked = sa.union_all(sa.select(expired), sa.select(waiting)).cte("picked")
