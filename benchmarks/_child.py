@@ -72,7 +72,7 @@ def _worker_parts(config: dict[str, Any]) -> tuple[Any, Any]:
 def role_drain(config: dict[str, Any], commands: Commands) -> None:
     from mailoutbox import SmtpTransport, TickReport, Worker
 
-    engine, outbox = _worker_parts(config)
+    _, outbox = _worker_parts(config)
     transport: Any
     if config.get("smtp_port"):
         transport = SmtpTransport("127.0.0.1", config["smtp_port"], security="none", timeout=30.0)
@@ -99,8 +99,6 @@ def role_drain(config: dict[str, Any], commands: Commands) -> None:
             break
     end = time.time()
     _stop_profile(profile, config)
-    worker.close()
-    engine.dispose()
     result: dict[str, Any] = {
         "start": start,
         "end": end,
@@ -111,8 +109,21 @@ def role_drain(config: dict[str, Any], commands: Commands) -> None:
         result["ids"] = [d.hex for d, _, _ in transport.seen]
         result["bytes"] = sum(size for _, _, size in transport.seen)
         result["sample_problem"] = _common.check_sample(transport.sample)
+    _report_and_linger(config, result, start=start, end=end, sent=total.sent)
+
+
+def _report_and_linger(config: dict[str, Any], result: dict[str, Any], **done: Any) -> None:
+    """Write the result, say ``done``, and keep this process and its database
+    connections until the driver closes our stdin (Commands ends the process then).
+
+    The driver reads PostgreSQL's CPU right after ``done``. A backend whose client
+    went away while it read would be missing from the server's processes and not
+    yet in the postmaster's children times, and take the drain's CPU with it (seen:
+    a negative figure).
+    """
     _write(config["out"], result)
-    emit("done", start=start, end=end, sent=total.sent)
+    emit("done", **done)
+    threading.Event().wait()
 
 
 def role_run(config: dict[str, Any], commands: Commands) -> None:
@@ -154,13 +165,18 @@ def role_pgqueuer(config: dict[str, Any], commands: Commands) -> None:
 
     factory = event_loop_factory()
     loop = factory() if factory is not None else asyncio.new_event_loop()
+
+    def finished(result: dict[str, Any]) -> None:
+        # Called with pgqueuer's connection still open; never returns.
+        _report_and_linger(
+            config, result, start=result["start"], end=result["end"], handled=len(result["ids"])
+        )
+
     try:
         asyncio.set_event_loop(loop)
-        result = loop.run_until_complete(pgqueuer_drain(config, commands.go, emit))
+        loop.run_until_complete(pgqueuer_drain(config, commands.go, emit, finished))
     finally:
         loop.close()
-    _write(config["out"], result)
-    emit("done", start=result["start"], end=result["end"], handled=len(result["ids"]))
 
 
 _PROFILER: dict[str, Any] = {}

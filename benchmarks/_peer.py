@@ -42,8 +42,11 @@ def job_payload(i: int) -> bytes:
 
 
 async def pgqueuer_drain(
-    config: dict[str, Any], go: threading.Event, emit: Callable[..., None]
-) -> dict[str, Any]:
+    config: dict[str, Any],
+    go: threading.Event,
+    emit: Callable[..., None],
+    finished: Callable[[dict[str, Any]], None],
+) -> None:
     os.environ["PGQUEUER_SCHEMA"] = config["schema"]
     from pgqueuer import Queries, QueueManager
     from pgqueuer.domain.settings import db_settings
@@ -102,16 +105,18 @@ async def pgqueuer_drain(
             f"SELECT count(*) AS n FROM {settings.qualified.queue_table_log} "
             "WHERE status = 'successful'"
         )
-        return {
-            "start": start,
-            "end": end,
-            "ids": handled,
-            "left_in_queue": left[0]["n"],
-            "logged_successful": logged[0]["n"],
-            "driver": driver_name,
-            "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
-            "sample_problem": _common.check_sample(transport.sample),
-        }
+        finished(
+            {
+                "start": start,
+                "end": end,
+                "ids": handled,
+                "left_in_queue": left[0]["n"],
+                "logged_successful": logged[0]["n"],
+                "driver": driver_name,
+                "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+                "sample_problem": _common.check_sample(transport.sample),
+            }
+        )
     finally:
         await conn.close()
 

@@ -104,7 +104,7 @@ def test_quick_benchmark_runs_and_verifies(empty_db_url: sa.URL) -> None:
     assert figures["verified"] == 1
     assert figures["verified_deliveries"] > 0
     for name in expected - {"claim_history_rows"}:
-        assert figures[name] > 0, name
+        assert figures[name] > 0, (name, figures)
     assert figures["claim_history_rows"] >= 100_000
     # PostgreSQL's CPU is a share of the machine's, and a drain keeps no more cores busy
     # than the machine has.
