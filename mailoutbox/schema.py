@@ -178,6 +178,11 @@ def _tables_for(schema: str) -> Tables:
         sa.Column("locked_by", sa.Text, nullable=True),
         sa.Column("locked_until", tz, nullable=True),
         sa.Column("claim_token", pg.UUID(as_uuid=True), nullable=True),
+        # The attempt_no of the delivery's latest row in mail_attempts (0: none yet),
+        # across resends: the next attempt is numbered from here, not from a search of
+        # the history. NULL on rows from before migration 0004: numbered from the
+        # history the first time, then kept here.
+        sa.Column("last_attempt_no", sa.Integer, nullable=True, server_default=sa.text("0")),
         sa.UniqueConstraint(
             "template_id", "idempotency_key", name="mail_deliveries_template_id_idempotency_key_key"
         ),

@@ -94,18 +94,25 @@ def new_row_id() -> sa.ColumnElement[Any]:
     return sa.literal_column(_V7_UUID_SQL, UUID)
 
 
-def _next_attempt_no(t: Tables, delivery_id: sa.ColumnElement[Any]) -> sa.ScalarSelect[Any]:
-    """MAX(attempt_no) + 1 for a delivery: monotonic across resend cycles.
+def _attempt_numbered(t: Tables, appends: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+    """The new `last_attempt_no` of a delivery an UPDATE changes: one more where the
+    statement `appends` an attempt for it (which takes that number), else as it was.
 
-    Safe without extra locking because only the holder of the delivery's
-    claim token (or its row lock) appends attempts, and the unique
-    (delivery_id, attempt_no) constraint would catch anyone else.
+    Attempt numbers are monotonic across resend cycles. Safe without extra locking
+    because only the holder of the delivery's claim token (or its row lock) appends
+    attempts, and the unique (delivery_id, attempt_no) constraint would catch
+    anyone else. A row from before migration 0004 has no number yet (NULL) and
+    takes MAX(attempt_no) of its history, once.
     """
-    a = t.attempts
-    return (
-        sa.select(sa.func.coalesce(sa.func.max(a.c.attempt_no), 0) + 1)
-        .where(a.c.delivery_id == delivery_id)
+    d, a = t.deliveries, t.attempts
+    history = (
+        sa.select(sa.func.coalesce(sa.func.max(a.c.attempt_no), 0))
+        .where(a.c.delivery_id == d.c.delivery_id)
         .scalar_subquery()
+    )
+    return sa.case(
+        (appends, sa.func.coalesce(d.c.last_attempt_no, history) + 1),
+        else_=d.c.last_attempt_no,
     )
 
 
@@ -487,9 +494,11 @@ def claim_due(t: Tables, limit: int) -> sa.Select[Any]:
             locked_until=lease_end,
             next_attempt_at=lease_end,
             updated_at=_NOW,
+            last_attempt_no=_attempt_numbered(t, picked.c.previous_status == _lit(Status.SENDING)),
         )
         .returning(
             d.c.delivery_id,
+            d.c.last_attempt_no,
             d.c.template_id,
             d.c.idempotency_key,
             d.c.attempts,
@@ -523,7 +532,7 @@ def claim_due(t: Tables, limit: int) -> sa.Select[Any]:
             sa.select(
                 new_row_id(),
                 claimed.c.delivery_id,
-                _next_attempt_no(t, claimed.c.delivery_id),
+                claimed.c.last_attempt_no,
                 claimed.c.previous_claimed_at,
                 _NOW,
                 _lit(Outcome.LEASE_EXPIRED),
@@ -639,11 +648,16 @@ def complete_claimed(t: Tables) -> sa.Select[Any]:
             locked_until=sa.null(),
             claim_token=sa.null(),
             updated_at=_NOW,
+            last_attempt_no=_attempt_numbered(t, v.c.outcome.is_not(None)),
         )
-        .returning(d.c.delivery_id)
+        .returning(d.c.delivery_id, d.c.last_attempt_no)
         .cte("completed")
     )
-    done = sa.select(v).join(completed, completed.c.delivery_id == v.c.delivery_id).cte("done")
+    done = (
+        sa.select(v, completed.c.last_attempt_no)
+        .join(completed, completed.c.delivery_id == v.c.delivery_id)
+        .cte("done")
+    )
     attempts = (
         pg.insert(t.attempts)
         .from_select(
@@ -651,7 +665,7 @@ def complete_claimed(t: Tables) -> sa.Select[Any]:
             sa.select(
                 new_row_id(),
                 done.c.delivery_id,
-                _next_attempt_no(t, done.c.delivery_id),
+                done.c.last_attempt_no,
                 _NOW - _seconds(done.c.duration),
                 _NOW,
                 done.c.outcome,

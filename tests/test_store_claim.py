@@ -216,6 +216,75 @@ def test_a_lease_that_has_not_expired_does_not_hold_up_waiting_mail(
     assert {c.delivery_id for c in claim(engine, outbox, limit=10)} == waiting
 
 
+def _attempt_scans(conn: sa.Connection) -> int:
+    """Scans of mail_attempts and its indexes by this transaction so far (PostgreSQL's
+    own counters; checking a unique key on insert is not a scan)."""
+    return int(
+        conn.execute(
+            sa.text(
+                "SELECT sum(pg_stat_get_xact_numscans(oid)) FROM pg_class WHERE oid IN"
+                " (SELECT 'mailoutbox.mail_attempts'::regclass UNION ALL SELECT indexrelid"
+                " FROM pg_index WHERE indrelid = 'mailoutbox.mail_attempts'::regclass)"
+            )
+        ).scalar_one()
+    )
+
+
+def _last_attempt_no(engine: sa.Engine, delivery_id: uuid.UUID) -> int | None:
+    with engine.connect() as conn:
+        number: int | None = conn.execute(
+            sa.text(
+                "SELECT last_attempt_no FROM mailoutbox.mail_deliveries WHERE delivery_id = :i"
+            ),
+            {"i": delivery_id},
+        ).scalar_one()
+    return number
+
+
+def test_recording_an_attempt_does_not_search_the_attempt_history(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """The claim (a lost lease) and the completion number attempts from the delivery row.
+
+    A search of mail_attempts per attempt cost an index probe each, and a plan made
+    while the table looked empty scanned the whole history for every attempt.
+    """
+    enq = outbox.enqueue(make_mail())
+    claim(engine, outbox, worker="dead-worker")
+    expire_leases(engine)
+    with engine.begin() as conn:
+        [c] = outbox.store.claim_due(conn, limit=10, worker="heir", lease_seconds=60)
+        assert _attempt_scans(conn) == 0
+    with engine.begin() as conn:
+        assert outbox.store.complete(conn, [sent(c)]) == {enq.delivery_id}
+        assert _attempt_scans(conn) == 0
+    assert [a.attempt_no for a in outbox.list_attempts(enq.delivery_id)] == [1, 2]
+    assert _last_attempt_no(engine, enq.delivery_id) == 2
+
+
+def test_a_delivery_from_before_migration_0004_is_numbered_from_its_history(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """A row without last_attempt_no continues its attempt numbers, then keeps them."""
+    enq = outbox.enqueue(make_mail())
+    [first] = claim(engine, outbox)
+    retry = Completion(
+        first.delivery_id,
+        first.claim_token,
+        Status.RETRYING,
+        AttemptRecord(Outcome.TRANSIENT_FAILURE),
+        0.0,
+        "451",
+    )
+    complete(engine, outbox, retry)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE mailoutbox.mail_deliveries SET last_attempt_no = NULL"))
+    [second] = claim(engine, outbox)
+    assert complete(engine, outbox, sent(second)) == {enq.delivery_id}
+    assert [a.attempt_no for a in outbox.list_attempts(enq.delivery_id)] == [1, 2]
+    assert _last_attempt_no(engine, enq.delivery_id) == 2
+
+
 def test_stale_claim_token_changes_nothing(engine: sa.Engine, outbox: Outbox) -> None:
     """A worker that lost its lease cannot overwrite the new holder's outcome."""
     enq = outbox.enqueue(make_mail())
