@@ -726,6 +726,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _wait_for_log(log: Path, *texts: str, timeout: float = 30.0) -> None:
+    """Until every one of `texts` is in the worker log: a spawned child takes a while to start."""
+    deadline = time.monotonic() + timeout
+    while not all(text in log.read_text() for text in texts):
+        assert time.monotonic() < deadline, f"not logged within {timeout}s: {texts}"
+        time.sleep(0.05)
+
+
 def _worker_names(outbox: Outbox) -> set[str]:
     with outbox.engine.connect() as conn:
         rows = conn.execute(sa.text(f"SELECT DISTINCT worker FROM {SCHEMA}.mail_attempts"))
@@ -739,6 +747,11 @@ def test_worker_processes_share_the_outbox_and_stop_together(
     args = ("--processes", "2", "--name", "node-a", "--batch-size", "5")
     with SmtpSink() as sink, worker_process(db_url, sink, tmp_path, *args) as process:
         children = _children(process, 2)
+        # Both started before any mail: one child alone can send all 60 and be stopped
+        # before its sibling has finished importing, and then the sibling never logs.
+        _wait_for_log(
+            tmp_path / "worker.log", "worker node-a-1 starting", "worker node-a-2 starting"
+        )
         outbox.enqueue_many([make_mail(to=[f"u{i}@example.com"]) for i in range(60)])
         wait_for(outbox, Status.SENT, 60)
         assert _worker_names(outbox) <= {"node-a-1", "node-a-2"}
