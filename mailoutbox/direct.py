@@ -12,7 +12,9 @@ SQLAlchemy.
 
 What SQLAlchemy did and this keeps: errors come out as SQLAlchemy exceptions
 (sa.exc.OperationalError, ProgrammingError, ...), with the driver's error as
-`.orig`; a connection lost mid-statement is invalidated, so the pool drops it.
+`.orig`; a connection lost mid-statement is invalidated, so the pool drops it,
+and so are the others the pool held at that moment (they are replaced when next
+checked out).
 What it does not keep: these statements do not pass through the engine's
 cursor events (`before_cursor_execute`), so SQL instrumentation hooked there
 does not see them. Parameters are never put into error messages (mail bodies
@@ -109,6 +111,12 @@ class DirectConnection:
         error: Any = exc
         lost = self._dialect.is_disconnect(error, self._conn.connection, cursor)
         if lost:
+            # What SQLAlchemy's own Connection does on a disconnect: whatever ended
+            # this connection (a restart, a failover, an idle timeout) most likely
+            # ended the others the pool holds, so every connection opened before now
+            # is replaced at its next checkout. Otherwise each one would fail a
+            # statement in turn, and a worker would back off once per connection.
+            self._conn.engine.pool._invalidate(self._conn.connection, exc)
             self._conn.invalidate(exc)
         return sa.exc.DBAPIError.instance(
             sql,

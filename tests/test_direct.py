@@ -56,6 +56,36 @@ def test_a_lost_connection_fails_one_enqueue_and_the_next_one_reconnects(
     assert row_counts(engine)["mail_deliveries"] == 2
 
 
+def test_one_lost_connection_retires_every_connection_the_pool_held_then(
+    db_url: sa.URL, engine: sa.Engine
+) -> None:
+    """As SQLAlchemy does: a disconnect marks the whole pool stale, not just one connection.
+
+    A database restart, a failover or an idle timeout ends every pooled connection
+    at once; the outbox then pays one failed statement, not one per connection
+    the pool still lends out.
+    """
+    pooled = sa.create_engine(db_url, pool_size=3, max_overflow=0)
+    try:
+        outbox = Outbox(pooled, schema=SCHEMA, default_sender=DEFAULT_SENDER)
+        held = [pooled.connect() for _ in range(3)]
+        pids = [int(c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()) for c in held]
+        for conn in held:
+            conn.close()
+        for pid in pids:
+            _terminate(engine, pid)
+
+        with pytest.raises(sa.exc.OperationalError) as failed:
+            outbox.enqueue(make_mail(to=["lost@example.com"]))
+        assert failed.value.connection_invalidated
+        assert outbox.enqueue(make_mail()).created
+        assert outbox.enqueue(make_mail()).created
+        assert _backend_pid(pooled) not in pids
+    finally:
+        pooled.dispose()
+    assert row_counts(engine)["mail_deliveries"] == 2
+
+
 def test_a_failed_enqueue_leaves_its_connection_usable(one_conn_engine: sa.Engine) -> None:
     """A statement that fails on the pooled connection spoils nothing for the next enqueue."""
     outbox = Outbox(one_conn_engine, schema=SCHEMA, default_sender=DEFAULT_SENDER)
