@@ -28,7 +28,6 @@ from .delivery import (
     SentBatch,
     TickReport,
     WorkerSettings,
-    backoff_after_loop_failure,
     completion_retry_delays,
     log_completion_retry,
 )
@@ -364,6 +363,7 @@ class AsyncWorker(WorkerSettings):
                     raise
                 log_completion_retry(exc, delay)
                 await asyncio.sleep(delay)
+        self.loop_backoff.progressed()
         return sent.finish(self.name, self.observer, *outcome)
 
     async def _handle_all(self, claimed: Sequence[ClaimedDelivery]) -> list[Completion | None]:
@@ -418,7 +418,6 @@ class AsyncWorker(WorkerSettings):
                 loop.add_signal_handler(s, stop.set)
         watcher = asyncio.create_task(self._watch(stop))
         listener: _AsyncListener | None = None
-        backoff = 0.0
         try:
             while not self._stopping.is_set():
                 try:
@@ -427,7 +426,7 @@ class AsyncWorker(WorkerSettings):
                             self.engine, self.outbox.tables.notify_channel
                         )
                     report = await self.tick()
-                    backoff = 0.0
+                    self.loop_backoff.progressed()
                     if report.claimed:
                         continue
                     if paused := self.pause.remaining():
@@ -436,12 +435,12 @@ class AsyncWorker(WorkerSettings):
                         continue
                     await self._wait(listener)
                 except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure (logged)
-                    backoff = backoff_after_loop_failure(exc, backoff)
+                    wait = self.loop_backoff.failed(exc)
                     if listener is not None:
                         await listener.close()
                         listener = None
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), backoff)
+                        await asyncio.wait_for(self._stopping.wait(), wait)
         finally:
             self._stopping.set()
             watcher.cancel()
@@ -492,8 +491,7 @@ class AsyncWorker(WorkerSettings):
 class _AsyncListener:
     """A dedicated autocommit async connection LISTENing on the outbox's channel."""
 
-    def __init__(self, raw: Any, driver: Any) -> None:
-        self._raw = raw
+    def __init__(self, driver: Any) -> None:
         self._driver = driver
 
     @classmethod
@@ -502,9 +500,13 @@ class _AsyncListener:
         driver: Any = raw.driver_connection
         # Detached: this connection leaves the pool for good and is closed, not returned.
         raw.detach()
-        await driver.set_autocommit(True)
-        await driver.execute(f'LISTEN "{channel}"')
-        return cls(raw, driver)
+        try:
+            await driver.set_autocommit(True)
+            await driver.execute(f'LISTEN "{channel}"')
+        except BaseException:
+            await driver.close()
+            raise
+        return cls(driver)
 
     async def wait(self) -> None:
         """Return when a notification arrives."""
@@ -512,10 +514,8 @@ class _AsyncListener:
             return
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._driver.close()
-        with contextlib.suppress(Exception):
-            self._raw.close()
+        # psycopg's own close, as in worker._Listener: no rollback on a dropped connection.
+        await self._driver.close()
 
 
 __all__ = ["AsyncOutbox", "AsyncStore", "AsyncWorker", "arun", "async_connection_of"]

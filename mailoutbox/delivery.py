@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
+import psycopg
 import sqlalchemy as sa
 
 from .errors import (
@@ -27,6 +28,7 @@ from .errors import (
     ServerUnavailable,
     TransientSendError,
     UnknownSendOutcome,
+    first_line,
 )
 from .logs import redact_addresses
 from .records import AttemptRecord, ClaimedDelivery, Completion
@@ -451,6 +453,7 @@ class WorkerSettings:
         self.observer = observer
         self.rules = DeliveryRules(self.retry, self.name, message_id_domain)
         self.pause = ServerPause()
+        self.loop_backoff = LoopBackoff()
 
     def more_may_be_due(self, claimed: Sequence[ClaimedDelivery]) -> bool:
         """Whether a claim that answered `claimed` may have left due rows behind.
@@ -478,25 +481,47 @@ class WorkerSettings:
         return self.rules.after_failure(claimed, started, exc)
 
 
-def backoff_after_loop_failure(exc: Exception, backoff: float) -> float:
-    """Log a failure of a worker's loop and return how long to wait before trying again.
+class LoopBackoff:
+    """How long a worker's loop waits after a failure before it tries again.
 
-    Doubles from 0.5 s up to 30 s. A database error is logged by its driver
-    message only: its str() carries the statement and its parameters, which
-    would put kilobytes of SQL, and recipient addresses, in every log line.
+    Doubles from 0.5 s up to 30 s while failures follow one another, so that a
+    database that is down is not hammered; starts from 0.5 s again once the
+    worker has got something done since (a batch recorded, a tick ended). A
+    failure after progress is a blip, not an outage: otherwise a tick that
+    drains a backlog for hours would carry its wait from one passing failure to
+    the next until each of them cost 30 s.
+
+    A database error is logged as one line, the first of its driver's message:
+    its str() carries the statement and its parameters, which would put
+    kilobytes of SQL, and recipient addresses, in every log line. The LISTEN
+    connection's errors come from psycopg itself (it is used without
+    SQLAlchemy) and are database errors all the same.
     """
-    backoff = min(30.0, max(0.5, backoff * 2))
-    if isinstance(exc, sa.exc.DBAPIError):
-        orig = exc.orig
-        log.warning(
-            "database unavailable (%s: %s); retry in %.1fs",
-            type(orig).__name__,
-            redact_addresses(str(orig).strip()),
-            backoff,
-        )
-    else:
-        log.exception("worker loop failed; retry in %.1fs", backoff)
-    return backoff
+
+    FIRST = 0.5
+    LONGEST = 30.0
+
+    def __init__(self) -> None:
+        self._wait = 0.0
+
+    def progressed(self) -> None:
+        """The worker got something done: the next failure waits the shortest time."""
+        self._wait = 0.0
+
+    def failed(self, exc: Exception) -> float:
+        """Log the loop's failure; answer the seconds to wait before the next try."""
+        self._wait = min(self.LONGEST, max(self.FIRST, self._wait * 2))
+        if isinstance(exc, (sa.exc.DBAPIError, psycopg.Error)):
+            driver_error = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+            log.warning(
+                "database unavailable (%s: %s); retry in %.1fs",
+                type(driver_error).__name__,
+                redact_addresses(first_line(exc)),
+                self._wait,
+            )
+        else:
+            log.exception("worker loop failed; retry in %.1fs", self._wait)
+        return self._wait
 
 
 def completion_retry_delays(lease_ends: float) -> Iterator[float | None]:

@@ -40,7 +40,6 @@ from .delivery import (
     TickReport,
     WorkerObserver,
     WorkerSettings,
-    backoff_after_loop_failure,
     bounded,
     check_worker_settings,
     completion_retry_delays,
@@ -185,6 +184,7 @@ class Worker(WorkerSettings):
                     raise
                 log_completion_retry(exc, delay)
                 time.sleep(delay)
+        self.loop_backoff.progressed()
         return sent.finish(self.name, self.observer, *outcome)
 
     def _start_sends(
@@ -265,14 +265,13 @@ class Worker(WorkerSettings):
         polls every `poll_interval` as a fallback. On stop it claims nothing
         more, finishes the sends in flight, records them, hands back leased
         deliveries it had not started, and returns. Database outages are
-        survived: the loop logs, backs off (up to 30 s) and carries on.
+        survived: the loop logs, waits (delivery.LoopBackoff) and carries on.
         """
         stop = stop or threading.Event()
         self._stopping.clear()
         with self._signals_set(stop, enabled=handle_signals):
             watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True)
             watcher.start()
-            backoff = 0.0
             listener: _Listener | None = None
             try:
                 while not self._stopping.is_set():
@@ -280,7 +279,7 @@ class Worker(WorkerSettings):
                         if self.listen and listener is None:
                             listener = _Listener(self.engine, self.store.tables.notify_channel)
                         report = self.tick()
-                        backoff = 0.0
+                        self.loop_backoff.progressed()
                         if report.claimed:
                             continue  # more may be due right away
                         if paused := self.pause.remaining():
@@ -288,11 +287,11 @@ class Worker(WorkerSettings):
                             continue
                         self._wait(listener)
                     except Exception as exc:  # noqa: BLE001 - the loop must outlive any failure (logged)
-                        backoff = backoff_after_loop_failure(exc, backoff)
+                        wait = self.loop_backoff.failed(exc)
                         if listener is not None:
                             listener.close()
                             listener = None
-                        self._stopping.wait(backoff)
+                        self._stopping.wait(wait)
             finally:
                 if listener is not None:
                     listener.close()
@@ -352,12 +351,16 @@ class _Listener:
     """A dedicated autocommit connection LISTENing on the outbox's channel."""
 
     def __init__(self, engine: sa.Engine, channel: str) -> None:
-        self._raw = engine.raw_connection()
-        driver: Any = self._raw.driver_connection
+        raw = engine.raw_connection()
+        driver: Any = raw.driver_connection
         # Detached: this connection leaves the pool for good and is closed, not returned.
-        self._raw.detach()
-        driver.autocommit = True
-        driver.execute(f'LISTEN "{channel}"')
+        raw.detach()
+        try:
+            driver.autocommit = True
+            driver.execute(f'LISTEN "{channel}"')
+        except BaseException:
+            driver.close()
+            raise
         self._driver = driver
 
     def wait(self, timeout: float) -> bool:
@@ -368,8 +371,9 @@ class _Listener:
         return got
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._raw.close()
+        # psycopg's own close: the pool's would first roll back, which on a connection
+        # the server dropped logs a traceback for nothing.
+        self._driver.close()
 
 
 __all__ = [

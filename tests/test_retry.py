@@ -250,3 +250,18 @@ def test_server_pause_counts_simultaneous_failures_once() -> None:
     pause.reset()
     assert pause.remaining() == 0
     assert pause.trip() <= 0.05
+
+
+def test_loop_backoff_grows_while_failures_follow_each_other_and_restarts_after_progress() -> None:
+    """An outage waits 0.5, 1, 2 ... 30 s; a failure after a recorded batch waits 0.5 s again."""
+    import sqlalchemy as sa
+
+    from mailoutbox.delivery import LoopBackoff
+
+    down = sa.exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+    backoff = LoopBackoff()
+    waits = [backoff.failed(down) for _ in range(8)]
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    backoff.progressed()
+    assert backoff.failed(down) == 0.5
+    assert backoff.failed(down) == 1.0

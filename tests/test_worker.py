@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -28,6 +30,7 @@ from mailoutbox.transports.memory import MemoryTransport
 from mailoutbox.worker import TickReport, Worker
 
 from .async_bridge import make_worker
+from .conftest import SCHEMA
 from .factories import make_mail, row_counts, running
 from .test_store_claim import expire_leases
 
@@ -376,6 +379,52 @@ def test_run_wakes_on_notify_when_mail_is_enqueued(outbox: Outbox) -> None:
     assert latency < 2.0
 
 
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_run_survives_its_listening_connection_being_dropped_with_one_log_line(
+    db_url: sa.URL, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server ends the LISTEN connection: a one-line warning, no traceback, mail still sent.
+
+    The poll interval is a minute, so only a new LISTEN (or the loop's retry)
+    can deliver the mail enqueued afterwards within the test's time.
+    """
+    transport = MemoryTransport()
+    killer = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    listening = sa.text(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'LISTEN %' AND pid <> pg_backend_pid()"
+    )
+
+    def listeners() -> list[int]:
+        with killer.connect() as conn:
+            return list(conn.execute(listening).scalars())
+
+    try:
+        with (
+            caplog.at_level(logging.WARNING),
+            running(worker(outbox, transport, poll_interval=timedelta(seconds=60))),
+        ):
+            _wait_until(lambda: len(listeners()) == 1, "the worker's LISTEN")
+            [pid] = listeners()
+            with killer.connect() as conn:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            _wait_until(lambda: "database unavailable" in caplog.text, "the worker to notice")
+            outbox.enqueue(make_mail())
+            _wait_until(lambda: len(transport.sent) == 1, "the mail to be sent")
+            _wait_until(lambda: listeners() not in ([], [pid]), "a new LISTEN")
+    finally:
+        killer.dispose()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r for r in warnings if r.exc_info] == [], "a lost connection logged a traceback"
+    assert all("\n" not in r.getMessage() for r in warnings)
+
+
 def test_run_poll_only_finds_mail_without_listen(outbox: Outbox) -> None:
     """listen=False (for poolers that drop LISTEN) still delivers by polling."""
     transport = MemoryTransport()
@@ -523,6 +572,67 @@ def test_completion_survives_a_dropped_database_connection(
     assert report.sent == 3 and report.lost == 0
     assert outbox.count_by_status()[Status.SENT] == 3
     assert "could not record a batch's outcome" in caplog.text
+
+
+def test_a_database_blip_after_progress_costs_the_shortest_wait_each_time(
+    db_url: sa.URL, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connections dropped in three batches running: each failure waits 0.5 s, not 0.5, 1, 2.
+
+    The worker's backends are killed during the first send of each batch; the
+    batch is still recorded (its completion is retried), and the claim beside
+    it fails the tick. The loop then waits; since a batch was recorded before
+    that failure, the database is up and the wait does not grow.
+    """
+    outbox.enqueue_many([make_mail() for _ in range(30)])
+    killer = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    kills: list[int] = []
+
+    def handler(envelope: Envelope) -> None:
+        if len(transport.sent) % 10 == 0:
+            with killer.connect() as conn:
+                kills.append(
+                    len(
+                        conn.execute(
+                            sa.text(
+                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                            )
+                        ).all()
+                    )
+                )
+
+    transport = MemoryTransport(handler)
+    w = worker(
+        outbox,
+        transport,
+        batch_size=10,
+        concurrency=1,
+        listen=False,
+        poll_interval=timedelta(milliseconds=100),
+        lease=timedelta(seconds=30),
+    )
+    sent = sa.text(f"SELECT count(*) FROM {SCHEMA}.mail_deliveries WHERE status = 'sent'")
+
+    def recorded() -> int:
+        with killer.connect() as conn:  # a connection of its own: the kills spare it
+            return int(conn.execute(sent).scalar_one())
+
+    try:
+        with caplog.at_level(logging.WARNING), running(w):
+            _wait_until(lambda: len(transport.sent) == 30, "every mail sent")
+            _wait_until(lambda: recorded() == 30, "every mail recorded as sent")
+    finally:
+        killer.dispose()
+    assert len(kills) == 3 and all(kills)
+    waits = [
+        r.getMessage().rsplit("retry in ", 1)[1]
+        for r in caplog.records
+        if r.getMessage().startswith("database unavailable")
+    ]
+    assert waits, "the kills were meant to fail the worker's loop"
+    assert set(waits) == {"0.5s"}
+    assert len(transport.sent) == 30
 
 
 def test_completion_retries_stop_before_the_lease_ends() -> None:

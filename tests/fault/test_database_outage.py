@@ -169,7 +169,11 @@ def test_workers_survive_terminated_backends(
                     ).scalars()
                 )
             time.sleep(0.4)
-        last = time.monotonic()
+        last, sent_at_last = time.monotonic(), sent(engine)
+        # How long the workers stay idle after the last round (their loops' wait),
+        # apart from how long the rest of the backlog takes to send.
+        wait_for(lambda: sent(engine) > min(sent_at_last, DELIVERIES - 1), 120, "a send", 0.05)
+        resumed = time.monotonic() - last
         wait_for(lambda: sent(engine) == DELIVERIES, 120, "every delivery sent", 0.1)
         recovered = time.monotonic() - last
         alive = workers.alive()
@@ -184,6 +188,8 @@ def test_workers_survive_terminated_backends(
         backends_terminated=terminated,
         duplicates=dups,
         lost=lost,
+        sent_at_last_round=sent_at_last,
+        next_send_after_last_round_seconds=resumed,
         all_sent_after_last_round_seconds=recovered,
     )
     assert alive == ["w0", "w1"]
