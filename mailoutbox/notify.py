@@ -33,6 +33,10 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 
+import sqlalchemy as sa
+
+from .errors import first_line
+
 log = logging.getLogger(__name__)
 
 # An idle sender thread ends after this long; the next wake() starts another.
@@ -104,10 +108,14 @@ class AfterCommitNotifier:
                 target = self._requested
             try:
                 self._send()
-            except Exception:
+            except Exception as exc:
+                # A database error is one line, in the host application's log; anything
+                # else is a bug and keeps its traceback.
                 log.warning(
-                    "could not notify workers of new mail; they will find it at their next poll",
-                    exc_info=True,
+                    "could not notify workers of new mail (%s); they will find it at their next"
+                    " poll",
+                    first_line(exc),
+                    exc_info=not isinstance(exc, sa.exc.DBAPIError),
                 )
             with self._changed:
                 self._covered = target
