@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-import psycopg
 import sqlalchemy as sa
 
 from .errors import (
@@ -28,6 +27,7 @@ from .errors import (
     ServerUnavailable,
     TransientSendError,
     UnknownSendOutcome,
+    driver_error,
     first_line,
 )
 from .logs import redact_addresses
@@ -493,9 +493,7 @@ class LoopBackoff:
 
     A database error is logged as one line, the first of its driver's message:
     its str() carries the statement and its parameters, which would put
-    kilobytes of SQL, and recipient addresses, in every log line. The LISTEN
-    connection's errors come from psycopg itself (it is used without
-    SQLAlchemy) and are database errors all the same.
+    kilobytes of SQL, and recipient addresses, in every log line.
     """
 
     FIRST = 0.5
@@ -511,12 +509,12 @@ class LoopBackoff:
     def failed(self, exc: Exception) -> float:
         """Log the loop's failure; answer the seconds to wait before the next try."""
         self._wait = min(self.LONGEST, max(self.FIRST, self._wait * 2))
-        if isinstance(exc, (sa.exc.DBAPIError, psycopg.Error)):
-            driver_error = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+        driver = driver_error(exc)
+        if driver is not None:
             log.warning(
                 "database unavailable (%s: %s); retry in %.1fs",
-                type(driver_error).__name__,
-                redact_addresses(first_line(exc)),
+                type(driver).__name__,
+                redact_addresses(first_line(driver)),
                 self._wait,
             )
         else:

@@ -17,6 +17,9 @@ Callers catch by meaning, never by message text::
 
 from __future__ import annotations
 
+import psycopg
+import sqlalchemy as sa
+
 
 class MailOutboxError(Exception):
     """Root of every error mailoutbox raises on purpose."""
@@ -105,6 +108,19 @@ class UnknownSendOutcome(TransientSendError):
 
 class PermanentSendError(SendError):
     """Not worth retrying: SMTP 5xx, or a message the transport cannot send."""
+
+
+def driver_error(exc: BaseException) -> BaseException | None:
+    """The database driver's error behind `exc`; None when `exc` is not a database error.
+
+    SQLAlchemy carries the driver's error as `.orig`; errors of a connection used
+    without SQLAlchemy (a worker's LISTEN) come from psycopg as they are.
+    """
+    if isinstance(exc, sa.exc.DBAPIError):
+        return exc.orig or exc
+    if isinstance(exc, psycopg.Error):
+        return exc
+    return None
 
 
 def first_line(exc: BaseException) -> str:

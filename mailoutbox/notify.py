@@ -33,9 +33,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 
-import sqlalchemy as sa
-
-from .errors import first_line
+from .errors import driver_error, first_line
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +113,7 @@ class AfterCommitNotifier:
                     "could not notify workers of new mail (%s); they will find it at their next"
                     " poll",
                     first_line(exc),
-                    exc_info=not isinstance(exc, sa.exc.DBAPIError),
+                    exc_info=driver_error(exc) is None,
                 )
             with self._changed:
                 self._covered = target
