@@ -37,7 +37,7 @@ from mailoutbox.transports.memory import MemoryTransport
 from mailoutbox.worker import Worker
 
 from .conftest import SCHEMA
-from .factories import make_mail
+from .factories import make_mail, wait_until
 from .smtp_sink import SmtpSink
 
 REPO = Path(__file__).resolve().parent.parent
@@ -728,10 +728,7 @@ def _alive(pid: int) -> bool:
 
 def _wait_for_log(log: Path, *texts: str, timeout: float = 30.0) -> None:
     """Until every one of `texts` is in the worker log: a spawned child takes a while to start."""
-    deadline = time.monotonic() + timeout
-    while not all(text in log.read_text() for text in texts):
-        assert time.monotonic() < deadline, f"not logged within {timeout}s: {texts}"
-        time.sleep(0.05)
+    wait_until(lambda: all(text in log.read_text() for text in texts), timeout, f"{texts} logged")
 
 
 def _worker_names(outbox: Outbox) -> set[str]:

@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -31,7 +30,7 @@ from mailoutbox.worker import TickReport, Worker
 
 from .async_bridge import make_worker
 from .conftest import SCHEMA
-from .factories import make_mail, row_counts, running
+from .factories import make_mail, row_counts, running, wait_until
 from .test_store_claim import expire_leases
 
 NO_DELAY = RetryPolicy(max_attempts=3, base_delay=timedelta(0), max_delay=timedelta(0))
@@ -379,13 +378,6 @@ def test_run_wakes_on_notify_when_mail_is_enqueued(outbox: Outbox) -> None:
     assert latency < 2.0
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_run_survives_its_listening_connection_being_dropped_with_one_log_line(
     db_url: sa.URL, outbox: Outbox, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -410,14 +402,14 @@ def test_run_survives_its_listening_connection_being_dropped_with_one_log_line(
             caplog.at_level(logging.WARNING),
             running(worker(outbox, transport, poll_interval=timedelta(seconds=60))),
         ):
-            _wait_until(lambda: len(listeners()) == 1, "the worker's LISTEN")
+            wait_until(lambda: len(listeners()) == 1, 10, "the worker's LISTEN")
             [pid] = listeners()
             with killer.connect() as conn:
                 conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            _wait_until(lambda: "database unavailable" in caplog.text, "the worker to notice")
+            wait_until(lambda: "database unavailable" in caplog.text, 10, "the worker to notice")
             outbox.enqueue(make_mail())
-            _wait_until(lambda: len(transport.sent) == 1, "the mail to be sent")
-            _wait_until(lambda: listeners() not in ([], [pid]), "a new LISTEN")
+            wait_until(lambda: len(transport.sent) == 1, 10, "the mail to be sent")
+            wait_until(lambda: listeners() not in ([], [pid]), 10, "a new LISTEN")
     finally:
         killer.dispose()
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -620,8 +612,8 @@ def test_a_database_blip_after_progress_costs_the_shortest_wait_each_time(
 
     try:
         with caplog.at_level(logging.WARNING), running(w):
-            _wait_until(lambda: len(transport.sent) == 30, "every mail sent")
-            _wait_until(lambda: recorded() == 30, "every mail recorded as sent")
+            wait_until(lambda: len(transport.sent) == 30, 10, "every mail sent")
+            wait_until(lambda: recorded() == 30, 10, "every mail recorded as sent")
     finally:
         killer.dispose()
     assert len(kills) == 3 and all(kills)

@@ -8,14 +8,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from mailoutbox import Outbox, Outcome, Status
 
-from .factories import make_mail
+from .factories import make_mail, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,14 +33,6 @@ def start_worker(url: sa.URL, log: Path, name: str, *args: str) -> subprocess.Po
         ],
         cwd=ROOT,
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def lines(log: Path) -> list[str]:
@@ -71,7 +62,7 @@ def test_sigkill_mid_batch_loses_nothing(
         db_url, log, "victim", "--lease", "2", "--batch", "20", "--concurrency", "4"
     )
     try:
-        wait_for(lambda: len(lines(log)) >= 25, 30, "the victim to send some mail")
+        wait_until(lambda: len(lines(log)) >= 25, 30, "the victim to send some mail")
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
     finally:
@@ -80,7 +71,7 @@ def test_sigkill_mid_batch_loses_nothing(
     sent_before = len(lines(log))
     heir = start_worker(db_url, log, "heir", "--lease", "2")
     try:
-        wait_for(lambda: outbox.count_by_status()[Status.SENT] == 80, 60, "all mail sent")
+        wait_until(lambda: outbox.count_by_status()[Status.SENT] == 80, 60, "all mail sent")
     finally:
         heir.send_signal(signal.SIGTERM)
         assert heir.wait(20) == 0
@@ -133,7 +124,7 @@ def kill_rounds_with_poison(
             "3",
         )
         try:
-            wait_for(
+            wait_until(
                 lambda proc=proc: proc.poll() is not None or finished(),  # type: ignore[misc]
                 30,
                 "the worker to die or to finish the mail",
@@ -212,7 +203,7 @@ def test_sigterm_finishes_in_flight_and_leaves_no_lease(
         "60",
     )
     try:
-        wait_for(lambda: len(lines(log)) >= 2, 30, "the first sends")
+        wait_until(lambda: len(lines(log)) >= 2, 30, "the first sends")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
