@@ -64,6 +64,8 @@ class Scale:
     smtp: int
     claim_rounds: int
     history: int
+    # drain_null and the peer are each run this many times, alternated (compare_with_peer).
+    comparison_rounds: int
 
 
 FULL = Scale(
@@ -74,6 +76,7 @@ FULL = Scale(
     smtp=5_000,
     claim_rounds=100,
     history=1_000_000,
+    comparison_rounds=3,
 )
 QUICK = Scale(
     enqueue_single=1_000,
@@ -83,6 +86,7 @@ QUICK = Scale(
     smtp=300,
     claim_rounds=20,
     history=100_000,
+    comparison_rounds=1,
 )
 
 LATENCY_RATE = 200  # mails/s, enqueued one per transaction
@@ -275,6 +279,14 @@ class Cost:
 
     cpu: CpuSpent | None = None
     wal_bytes: int | None = None
+
+
+@dataclass
+class Drained:
+    """One verified drain: its rate (deliveries or jobs per second) and what it cost."""
+
+    rate: float
+    cost: Cost
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -628,8 +640,16 @@ class Bench:
             f"{label}: rows (deliveries, payloads, recipients) = {tuple(rows)}, expected {n} each",
         )
 
-    def drain(self, name: str, processes: int, *, history: int = 0) -> float:
-        """`processes` workers drain `scale.drain` due deliveries; answer deliveries/s.
+    def drain(self, name: str, processes: int, *, history: int = 0) -> None:
+        """One drain (drain_once), reported as figure `name` with what it cost."""
+        self.add_drained(name, self.drain_once(name, processes, history=history), "deliveries/s")
+
+    def add_drained(self, name: str, drained: Drained, unit: str, cost_name: str = "") -> None:
+        self.add(name, round(drained.rate), unit)
+        self.add_cost(cost_name or name, drained.cost, self.scale.drain)
+
+    def drain_once(self, name: str, processes: int, *, history: int = 0) -> Drained:
+        """`processes` workers drain `scale.drain` due deliveries, verified; no figure added.
 
         `history`: that many sent deliveries are in the table already (generate_history),
         and stay; otherwise the drain starts on empty tables.
@@ -663,18 +683,53 @@ class Bench:
             if r.get("sample_problem"):
                 self.check(False, f"{name}: rendered sample: {r['sample_problem']}")
         self.verify_all_sent(name, ids, seen, history=history)
-        rate = float(n / elapsed)
-        self.add(name, round(rate), "deliveries/s")
-        self.add_cost(name, cost, n)
-        return rate
+        return Drained(n / elapsed, cost)
 
-    def peer(self, drain_rate: float | None) -> None:
-        if importlib.util.find_spec("pgqueuer") is None:
+    def compare_with_peer(self) -> None:
+        """drain_null and peer_pgqueuer_drain, alternated; each side's median round reported.
+
+        This machine's speed drifts by tens of per cent within minutes (README), so one
+        drain beside one peer run read drain_vs_pgqueuer anywhere from 1.03 to 1.48 on
+        the same code. Each round runs both sides back to back, the one going first
+        alternating between rounds; each figure is its side's median round, with that
+        round's costs, and drain_vs_pgqueuer_min/_max are the lowest and highest ratio
+        of the two sides within one round.
+        """
+        peer_wanted = self.wanted("peer_pgqueuer_drain", "drain_vs_pgqueuer")
+        if peer_wanted and importlib.util.find_spec("pgqueuer") is None:
             log(
                 "peer_pgqueuer_drain: pgqueuer is not installed "
                 "(pip install -r benchmarks/requirements.txt); peer figures skipped"
             )
+            peer_wanted = False
+        if not peer_wanted:
+            self.drain("drain_null", 1)
             return
+        rounds = self.scale.comparison_rounds
+        ours: list[Drained] = []
+        peers: list[Drained] = []
+        for r in range(rounds):
+            log(f"drain_null beside peer_pgqueuer_drain: round {r + 1} of {rounds}")
+            ours_first = r % 2 == 0
+            if ours_first:
+                ours.append(self.drain_once("drain_null", 1))
+            peers.append(self.peer_once())
+            if not ours_first:
+                ours.append(self.drain_once("drain_null", 1))
+            log(
+                f"  round {r + 1}: drain_null {ours[-1].rate:,.0f}/s, "
+                f"pgqueuer {peers[-1].rate:,.0f}/s, ratio {ours[-1].rate / peers[-1].rate:.2f}"
+            )
+        ours_median, peers_median = median_round(ours), median_round(peers)
+        self.add_drained("drain_null", ours_median, "deliveries/s")
+        self.add_drained("peer_pgqueuer_drain", peers_median, "jobs/s", "peer_pgqueuer")
+        self.add("drain_vs_pgqueuer", round(ours_median.rate / peers_median.rate, 2), "ratio")
+        within = [o.rate / p.rate for o, p in zip(ours, peers, strict=True)]
+        self.add("drain_vs_pgqueuer_min", round(min(within), 2), "ratio")
+        self.add("drain_vs_pgqueuer_max", round(max(within), 2), "ratio")
+
+    def peer_once(self) -> Drained:
+        """pgqueuer drains `scale.drain` jobs rendering the benchmark's mail, verified."""
         n = self.scale.drain
         log(f"peer_pgqueuer_drain: pgqueuer draining {n} jobs that render the same mail")
         self.reset()
@@ -696,11 +751,7 @@ class Bench:
         )
         if result.get("sample_problem"):
             self.check(False, f"{label}: rendered sample: {result['sample_problem']}")
-        rate = n / (done["end"] - done["start"])
-        self.add(label, round(rate), "jobs/s")
-        self.add_cost("peer_pgqueuer", cost, n)
-        if drain_rate is not None:
-            self.add("drain_vs_pgqueuer", round(drain_rate / rate, 2), "ratio")
+        return Drained(n / (done["end"] - done["start"]), cost)
 
     def smtp(self) -> None:
         n = self.scale.smtp
@@ -915,13 +966,10 @@ class Bench:
         if self.wanted("enqueue_many_db_ceiling"):
             self.enqueue_many_db_ceiling()
         self.add_ratio("enqueue_many_of_db_ceiling", "enqueue_many", "enqueue_many_db_ceiling")
-        drain_rate = None
-        if self.wanted("drain_null", "drain_vs_pgqueuer"):
-            drain_rate = self.drain("drain_null", 1)
+        if self.wanted("drain_null", "peer_pgqueuer_drain", "drain_vs_pgqueuer"):
+            self.compare_with_peer()
         if self.wanted("drain_null_2proc"):
             self.drain("drain_null_2proc", 2)
-        if self.wanted("peer_pgqueuer_drain", "drain_vs_pgqueuer"):
-            self.peer(drain_rate)
         if self.wanted("smtp_loopback"):
             self.smtp()
         if self.wanted("latency_p50_ms", "latency_p99_ms"):
@@ -929,6 +977,12 @@ class Bench:
         if self.wanted("claim_ms_empty", "claim_ms_1m", "drain_null_1m"):
             self.claim()
         self.add("load_avg_1m_end", round(os.getloadavg()[0], 2), "runnable tasks")
+
+
+def median_round(rounds: Sequence[Drained]) -> Drained:
+    """The round whose rate is the median (the lower middle one of an even count)."""
+    by_rate = sorted(rounds, key=lambda d: d.rate)
+    return by_rate[(len(by_rate) - 1) // 2]
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:

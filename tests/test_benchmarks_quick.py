@@ -59,6 +59,8 @@ FIXED_FIGURES = {
 PEER_FIGURES = {
     "peer_pgqueuer_drain",
     "drain_vs_pgqueuer",
+    "drain_vs_pgqueuer_min",
+    "drain_vs_pgqueuer_max",
     "peer_pgqueuer_cpu_us",
     "peer_pgqueuer_db_cpu_us",
     "peer_pgqueuer_cores_busy",
@@ -106,6 +108,10 @@ def test_quick_benchmark_runs_and_verifies(empty_db_url: sa.URL) -> None:
     for name in expected - {"claim_history_rows"}:
         assert figures[name] > 0, (name, figures)
     assert figures["claim_history_rows"] >= 100_000
+    if "drain_vs_pgqueuer" in figures:
+        # The ratio of the two sides' median rounds lies within the rounds' own ratios.
+        low, high = figures["drain_vs_pgqueuer_min"], figures["drain_vs_pgqueuer_max"]
+        assert low <= figures["drain_vs_pgqueuer"] <= high, figures
     # PostgreSQL's CPU is a share of the machine's, and a drain keeps no more cores busy
     # than the machine has.
     for drain in ("drain_null", "drain_null_2proc", "drain_null_1m"):
