@@ -64,6 +64,9 @@ async def pgqueuer_drain(
     conn, driver, driver_name = await _connect(config["libpq_url"])
     try:
         queries = Queries(driver)
+        # Every round of the comparison starts from freshly installed tables, as the first.
+        if await queries.schema_is_installed():
+            await queries.uninstall()
         await queries.install(create_schema=False)
         step = 1000
         for lo in range(0, count, step):
