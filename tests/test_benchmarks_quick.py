@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -123,3 +124,23 @@ def test_quick_benchmark_runs_and_verifies(empty_db_url: sa.URL) -> None:
     # An enqueue writes the mail itself (a 1 KB body here) into the WAL.
     for enqueue in ("enqueue_single", "enqueue_many"):
         assert figures[f"{enqueue}_wal_bytes"] > 1000, enqueue
+
+
+def _load_benchmark_script() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_side_of_the_comparison_reports_its_median_round() -> None:
+    run = _load_benchmark_script()
+    rounds = [
+        run.Drained(rate, run.Cost(wal_bytes=n)) for n, rate in enumerate((7_400, 6_100, 6_900))
+    ]
+    # The round itself, so the rate and the costs printed beside it belong together.
+    assert run.median_round(rounds) is rounds[2]
+    assert run.median_round(rounds[:2]).rate == 6_100  # the lower middle of an even count
+    assert run.median_round(rounds[:1]) is rounds[0]
