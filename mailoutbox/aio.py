@@ -304,7 +304,7 @@ class AsyncWorker(WorkerSettings):
             sent = SentBatch(claimed, await self._handle_all(claimed), lease_ends)
             exclude.extend(sent.retried_ids())
             next_claim: asyncio.Future[tuple[list[ClaimedDelivery], float]] | None = None
-            if self.more_may_be_due(claimed) and self._may_claim():
+            if self.claims_again_in_tick(claimed, len(exclude)) and self._may_claim():
                 # As in Worker.tick: keep this batch out of the claim beside its record.
                 ahead = exclude + [c.delivery_id for c in claimed]
                 next_claim = asyncio.ensure_future(self._claim(ahead))

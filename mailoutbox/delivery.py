@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_TEXT = 2000
 EXPIRED_REASON = "expired"
+# A tick claims no further batch once it has put this many deliveries back for retry
+# (WorkerSettings.claims_again_in_tick).
+RETRIED_PER_TICK = 1000
 
 
 def bounded(text: str, limit: int = MAX_ERROR_TEXT) -> str:
@@ -464,6 +467,20 @@ class WorkerSettings:
         return len(claimed) == self.batch_size or (
             len(claimed) == 1 and claimed[0].previous_status is Status.SENDING
         )
+
+    def claims_again_in_tick(self, claimed: Sequence[ClaimedDelivery], retried: int) -> bool:
+        """Whether a tick that just claimed `claimed` claims again, `retried` retries so far.
+
+        Only if more may be due, and only until the tick has put RETRIED_PER_TICK
+        deliveries back for retry. Every claim of a tick carries the ids the tick
+        retried, so that none is claimed twice in one tick, and the server compares
+        each candidate row with all of them. Against a relay that defers everything
+        (throttling, greylisting) over a backlog that list grew by a batch each time:
+        a tick over 60,000 such mails took 44 s where 20,000 took 7. Ending the tick
+        there keeps every claim short; run() ticks again at once, a host's
+        scheduler at its next call.
+        """
+        return retried < RETRIED_PER_TICK and self.more_may_be_due(claimed)
 
     def outcome_of_send(
         self,

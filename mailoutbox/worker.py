@@ -92,7 +92,9 @@ class Worker(WorkerSettings):
 
         Safe to call from a host's scheduler every few seconds, from several
         processes at once: claims never overlap. A delivery is claimed at most
-        once per tick, even when its retry is due at once.
+        once per tick, even when its retry is due at once. A tick that has put
+        1,000 deliveries back for retry (a relay deferring everything) ends after
+        that batch, with more perhaps due: run() ticks again at once.
 
         A batch is claimed, sent, then recorded; the next batch is claimed on a
         connection of its own while that record is written, and sends only once
@@ -112,7 +114,7 @@ class Worker(WorkerSettings):
             # dead-lettered ones are out of reach of the claim anyway.
             exclude.extend(sent.retried_ids())
             next_claim: Future[tuple[list[ClaimedDelivery], float]] | None = None
-            if self.more_may_be_due(claimed) and self._may_claim():
+            if self.claims_again_in_tick(claimed, len(exclude)) and self._may_claim():
                 # The record below may commit while this claim runs: keep the whole
                 # batch out of it, whatever comes back due (retried, handed back).
                 ahead = exclude + [c.delivery_id for c in claimed]

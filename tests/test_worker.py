@@ -22,6 +22,7 @@ from mailoutbox import (
     TransientSendError,
     UnknownSendOutcome,
 )
+from mailoutbox.delivery import RETRIED_PER_TICK
 from mailoutbox.records import ClaimedDelivery
 from mailoutbox.retry import RetryPolicy
 from mailoutbox.transports.base import Envelope
@@ -141,6 +142,24 @@ def test_zero_delay_retry_is_not_claimed_twice_in_one_tick(outbox: Outbox) -> No
     assert len(transport.failed) == 1
     assert w.tick() == TickReport(claimed=1, retried=1)
     assert len(outbox.list_attempts(enq.delivery_id)) == 2
+
+
+def test_a_tick_ends_after_a_thousand_retries_and_the_next_carries_on(outbox: Outbox) -> None:
+    """A relay deferring everything: each tick retries at most 1,000, none of them twice.
+
+    The claims of one tick carry the ids it retried; ending the tick there keeps that
+    list, and every claim, short over a backlog of any size.
+    """
+    outbox.enqueue_many([make_mail() for _ in range(RETRIED_PER_TICK + 250)])
+    transport = failing(TransientSendError(451, "4.7.1 too many messages, try again later"))
+    half_an_hour = RetryPolicy(base_delay=timedelta(hours=1), rng=lambda: 0.5)
+    w = worker(outbox, transport, retry=half_an_hour)
+    assert w.tick() == TickReport(claimed=RETRIED_PER_TICK, retried=RETRIED_PER_TICK)
+    assert outbox.count_by_status()[Status.PENDING] == 250
+    assert w.tick() == TickReport(claimed=250, retried=250)
+    assert w.tick() == TickReport()
+    assert len(transport.failed) == RETRIED_PER_TICK + 250
+    assert outbox.count_by_status()[Status.RETRYING] == RETRIED_PER_TICK + 250
 
 
 def test_transient_failures_end_in_dead_letter_after_max_attempts(outbox: Outbox) -> None:
