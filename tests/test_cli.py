@@ -596,11 +596,9 @@ def worker_process(
 
 
 def wait_for(outbox: Outbox, status: Status, count: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while outbox.count_by_status()[status] < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fewer than {count} {status} deliveries after {timeout}s")
-        time.sleep(0.05)
+    wait_until(
+        lambda: outbox.count_by_status()[status] >= count, timeout, f"{count} {status} deliveries"
+    )
 
 
 def test_worker_delivers_and_exits_0_on_sigterm(
