@@ -37,7 +37,7 @@ from .records import (
     Payload,
     Recipient,
 )
-from .schema import Kind, Outcome, Status, Tables
+from .schema import WAITING_STATUSES, Kind, Outcome, Status, Tables
 
 T = TypeVar("T")
 Fetch = Literal["all", "scalars", "rowcount", "none"]
@@ -587,12 +587,24 @@ def notify_due(t: Tables) -> Plan[None]:
 
 
 def cancel(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:
-    """Cancel a waiting delivery, or raise why not (DeliveryNotFound, InvalidTransition)."""
-    rows = yield Query(st.cancel_if_waiting(t), {"target_id": delivery_id})
-    if rows:
-        return delivery_from_row(rows[0])
-    current = yield from require_delivery(t, delivery_id)
-    raise InvalidTransition(delivery_id, current.status.value, "cancel")
+    """Cancel a waiting delivery, or raise why not (DeliveryNotFound, InvalidTransition).
+
+    As in `resend`: when the guarded UPDATE matches nothing the row is read under
+    a lock, so a worker's completion that committed in between (sending back to
+    retrying, say) gets the UPDATE run again rather than a refusal naming a
+    state that cancel accepts.
+    """
+    update = Query(st.cancel_if_waiting(t), {"target_id": delivery_id})
+    rows = yield update
+    if not rows:
+        locked = yield Query(st.lock_delivery(t), {"delivery_id": delivery_id})
+        if not locked:
+            raise DeliveryNotFound(delivery_id)
+        current = delivery_from_row(locked[0])
+        if current.status not in WAITING_STATUSES:
+            raise InvalidTransition(delivery_id, current.status.value, "cancel")
+        rows = yield update
+    return delivery_from_row(rows[0])
 
 
 def purge_batch(t: Tables, *, older_than_seconds: float, batch: int) -> Plan[int]:

@@ -14,11 +14,14 @@ import collections
 import random
 import threading
 import time
+import uuid
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
 
 from mailoutbox import (
+    Delivery,
     InvalidTransition,
     Outbox,
     Outcome,
@@ -140,12 +143,20 @@ def test_one_resend_never_yields_two_sends(
         assert got[message_id(delivery_id)] == expected
 
 
-def test_a_refused_resend_names_a_state_that_refuses_it(engine: sa.Engine, outbox: Outbox) -> None:
-    """The race the scenario above hit once in a few thousand resends, made certain.
+def _act_while_a_completion_commits(
+    engine: sa.Engine,
+    outbox: Outbox,
+    status: Status,
+    attempt: AttemptRecord,
+    act: Callable[[uuid.UUID], Delivery],
+) -> str:
+    """Run `act` on a claimed delivery while a worker's completion (to `status`) is
+    held uncommitted; the completion commits just before `act` first reads a row.
 
-    A worker's completion (dead-lettering the delivery) is held uncommitted; the
-    resend's UPDATE sees the delivery still `sending` and matches nothing; the
-    completion commits just before resend reads the row to say why.
+    The guarded UPDATE sees the delivery still `sending` and matches nothing (the
+    row it sees fails the guard, so it does not wait for the lock); the read
+    that follows must not name that stale state. Returns the new status, or
+    "refused: <state named>".
     """
     [delivery_id] = enqueue(outbox, 1)
     with engine.begin() as conn:
@@ -153,9 +164,9 @@ def test_a_refused_resend_names_a_state_that_refuses_it(engine: sa.Engine, outbo
     completion = Completion(
         delivery_id=delivery_id,
         claim_token=claimed.claim_token,
-        status=Status.DEAD_LETTERED,
-        attempt=AttemptRecord(Outcome.PERMANENT_FAILURE, error="550 5.1.1 no such user"),
-        reason="permanent failure: 550 5.1.1 no such user",
+        status=status,
+        attempt=attempt,
+        reason=attempt.error,
         worker="w",
     )
     fired: list[bool] = []
@@ -173,12 +184,34 @@ def test_a_refused_resend_names_a_state_that_refuses_it(engine: sa.Engine, outbo
         sa.event.listen(engine, "before_cursor_execute", commit_before_the_read)
         try:
             try:
-                outcome = outbox.resend(delivery_id).status.value
+                outcome = act(delivery_id).status.value
             except InvalidTransition as exc:
                 outcome = f"refused: {exc.status}"
         finally:
             sa.event.remove(engine, "before_cursor_execute", commit_before_the_read)
-    figures("resend vs completing worker", outcome=outcome)
     assert fired
+    return outcome
+
+
+def test_a_refused_resend_names_a_state_that_refuses_it(engine: sa.Engine, outbox: Outbox) -> None:
+    """The race the scenario above hit once in a few thousand resends, made certain:
+    the completion dead-letters the delivery just before resend reads it."""
+    failed = AttemptRecord(Outcome.PERMANENT_FAILURE, error="550 5.1.1 no such user")
+    outcome = _act_while_a_completion_commits(
+        engine, outbox, Status.DEAD_LETTERED, failed, outbox.resend
+    )
+    figures("resend vs completing worker", outcome=outcome)
     # Resent (now pending), or refused for a state that does refuse it.
     assert outcome in ("pending", "refused: sending", "refused: sent")
+
+
+def test_a_refused_cancel_names_a_state_that_refuses_it(engine: sa.Engine, outbox: Outbox) -> None:
+    """Cancel's twin of the race: the worker puts the delivery back to retrying just
+    before cancel reads it. Refusing with "it is retrying" would tell the operator
+    the mail cannot be stopped, and it would then go out at its next retry."""
+    deferred = AttemptRecord(Outcome.TRANSIENT_FAILURE, error="451 4.7.1 try again later")
+    outcome = _act_while_a_completion_commits(
+        engine, outbox, Status.RETRYING, deferred, outbox.cancel
+    )
+    figures("cancel vs completing worker", outcome=outcome)
+    assert outcome == "cancelled"
