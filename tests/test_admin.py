@@ -104,6 +104,27 @@ def test_count_by_status_includes_every_state(engine: sa.Engine, outbox: Outbox)
     assert sum(counts.values()) == 2
 
 
+def test_queue_health_counts_an_expired_lease_as_due(engine: sa.Engine, outbox: Outbox) -> None:
+    """Mail a dead worker left leased is due (the next claim takes it first), so the oldest
+    due age, what the README says to alert on, must grow while it waits; a live lease is
+    in flight but not due."""
+    assert outbox.queue_health() == (0.0, 0)
+    outbox.enqueue_many([make_mail(), make_mail()])
+    claim(engine, outbox, worker="alive", lease=60.0)
+    assert outbox.queue_health() == (0.0, 2)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE mailoutbox.mail_deliveries SET"
+                " locked_until = now() - interval '90 seconds',"
+                " next_attempt_at = now() - interval '90 seconds'"
+            )
+        )
+    oldest, leased = outbox.queue_health()
+    assert 90 <= oldest < 120
+    assert leased == 2
+
+
 def test_resend_rearms_a_dead_letter_and_keeps_history(engine: sa.Engine, outbox: Outbox) -> None:
     """Resend makes a dead letter pending again with attempts reset; attempt_no keeps counting."""
     delivery_id = finish(engine, outbox, Status.DEAD_LETTERED, Outcome.PERMANENT_FAILURE, "550")

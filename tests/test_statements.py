@@ -1,4 +1,5 @@
-"""Statement builders: compiled shape (pure) and the query plan of the claim (EXPLAIN)."""
+"""Statement builders: compiled shape (pure) and the query plans of the claim and the
+queue-health read (EXPLAIN)."""
 
 from __future__ import annotations
 
@@ -57,45 +58,60 @@ def test_builders_are_built_once_per_schema() -> None:
     assert "other_schema.mail_deliveries" in sql(st.claim_due(other, 100))
 
 
+def _fill_with_sent_history(conn: sa.Connection) -> None:
+    """50,000 sent deliveries, one in a thousand pending and due; statistics fresh."""
+    conn.execute(
+        sa.text(
+            "INSERT INTO mailoutbox.mail_payloads (payload_id, content_type, body, sender)"
+            " VALUES ('00000000-0000-0000-0000-000000000001', 'text/plain', 'x',"
+            " 'a@example.com')"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO mailoutbox.mail_deliveries (delivery_id, template_id, idempotency_key,"
+            " status, payload_id, created_at, sent_at)"
+            " SELECT gen_random_uuid(), 't', 'k' || i, CASE WHEN i % 1000 = 0 THEN 'pending'"
+            " ELSE 'sent' END, '00000000-0000-0000-0000-000000000001', now(), now()"
+            " FROM generate_series(1, 50000) AS i"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "UPDATE mailoutbox.mail_deliveries SET next_attempt_at = now() WHERE status = 'pending'"
+        )
+    )
+    conn.execute(sa.text("ANALYZE mailoutbox.mail_deliveries"))
+
+
+def _explain(conn: sa.Connection, statement: sa.ClauseElement, params: dict[str, object]) -> str:
+    compiled = statement.compile(dialect=conn.dialect)
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute("EXPLAIN " + compiled.string, compiled.construct_params(params))
+    plan = "\n".join(row[0] for row in cursor.fetchall())
+    cursor.close()
+    return plan
+
+
 def test_claim_query_uses_its_partial_index_on_a_large_history(engine: sa.Engine) -> None:
     """With many sent rows, EXPLAIN shows the claim reading its two partial indexes."""
     with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "INSERT INTO mailoutbox.mail_payloads (payload_id, content_type, body, sender)"
-                " VALUES ('00000000-0000-0000-0000-000000000001', 'text/plain', 'x',"
-                " 'a@example.com')"
-            )
-        )
-        conn.execute(
-            sa.text(
-                "INSERT INTO mailoutbox.mail_deliveries (delivery_id, template_id, idempotency_key,"
-                " status, payload_id, created_at, sent_at)"
-                " SELECT gen_random_uuid(), 't', 'k' || i, CASE WHEN i % 1000 = 0 THEN 'pending'"
-                " ELSE 'sent' END, '00000000-0000-0000-0000-000000000001', now(), now()"
-                " FROM generate_series(1, 50000) AS i"
-            )
-        )
-        conn.execute(
-            sa.text(
-                "UPDATE mailoutbox.mail_deliveries SET next_attempt_at = now()"
-                " WHERE status = 'pending'"
-            )
-        )
-        conn.execute(sa.text("ANALYZE mailoutbox.mail_deliveries"))
-        compiled = st.claim_due(T, 100).compile(dialect=conn.dialect)
-        params = compiled.construct_params(
-            {
-                "worker": "w",
-                "lease_seconds": 60.0,
-                "exclude": [],
-                "token": uuid.uuid4(),
-            }
-        )
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute("EXPLAIN " + compiled.string, params)
-        plan = "\n".join(row[0] for row in cursor.fetchall())
-        cursor.close()
+        _fill_with_sent_history(conn)
+        params = {"worker": "w", "lease_seconds": 60.0, "exclude": [], "token": uuid.uuid4()}
+        plan = _explain(conn, st.claim_due(T, 100), params)
+    assert "mail_deliveries_due_idx" in plan, plan
+    assert "mail_deliveries_leased_idx" in plan, plan
+    assert "Seq Scan on mail_deliveries" not in plan, plan
+
+
+def test_queue_health_reads_only_the_partial_indexes_on_a_large_history(
+    engine: sa.Engine,
+) -> None:
+    """Every metrics scrape and `mailoutbox status` runs queue_health: it must not scan
+    the sent history (it did, 91 ms at a million sent rows, against 0.3 ms)."""
+    with engine.begin() as conn:
+        _fill_with_sent_history(conn)
+        plan = _explain(conn, st.select_queue_health(T), {})
     assert "mail_deliveries_due_idx" in plan, plan
     assert "mail_deliveries_leased_idx" in plan, plan
     assert "Seq Scan on mail_deliveries" not in plan, plan
