@@ -949,6 +949,7 @@ def worker(
         MetricsUnavailable,
         SmtpSettings,
         WorkerSettings,
+        require_ready,
         serve_worker,
     )
 
@@ -1007,7 +1008,7 @@ def worker(
         if processes == 1:
             serve_worker(settings, outbox.engine)
             return
-        outbox.queue_health()  # fail fast (exit 3) in the supervisor
+        require_ready(outbox)  # fail fast (exit 3) in the supervisor
         outbox.engine.dispose()  # the children connect on their own
         _supervise_workers(processes, settings, log_level, log_format)
     except MetricsUnavailable as exc:

@@ -527,7 +527,19 @@ class LoopBackoff:
         """Log the loop's failure; answer the seconds to wait before the next try."""
         self._wait = min(self.LONGEST, max(self.FIRST, self._wait * 2))
         driver = driver_error(exc)
-        if driver is not None:
+        if driver is not None and str(getattr(driver, "sqlstate", "")).startswith("42"):
+            # A missing column or table, or no privilege: not an outage that passes
+            # by itself, and the operator has something to do. Retried all the same,
+            # so a worker that starts before its deploy's migration picks up after it.
+            log.error(
+                "the outbox tables do not match this mailoutbox (%s: %s): run"
+                " `mailoutbox migrate`, or grant the worker's role its privileges;"
+                " retry in %.1fs",
+                type(driver).__name__,
+                redact_addresses(first_line(driver)),
+                self._wait,
+            )
+        elif driver is not None:
             log.warning(
                 "database unavailable (%s: %s); retry in %.1fs",
                 type(driver).__name__,

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 
 from alembic import command
 
-from .schema import DEFAULT_SCHEMA, validate_schema_name
+from .errors import SchemaNotMigrated
+from .schema import DEFAULT_SCHEMA, VERSION_TABLE, validate_schema_name
 
 # Alembic keeps its running environment in module globals, so two migrations in one
 # process must not overlap; across processes the advisory lock in env.py serialises them.
@@ -79,6 +83,37 @@ def upgrade_sql(schema: str = DEFAULT_SCHEMA, *, revision: str = "head") -> str:
         cfg.attributes["schema"] = schema
         command.upgrade(cfg, revision, sql=True)
     return buffer.getvalue()
+
+
+def require_current(connection: sa.Connection, schema: str = DEFAULT_SCHEMA) -> None:
+    """Raise SchemaNotMigrated unless `schema` has run every migration this installation ships.
+
+    A worker checks this before it claims anything: on a schema one migration
+    behind, every claim fails on a missing column, which the loop can only retry.
+    A schema *ahead* of this installation (a newer release migrated it while this
+    one still runs, as in a rolling deploy) passes: migrations only add.
+    """
+    validate_schema_name(schema)
+    context = MigrationContext.configure(
+        connection, opts={"version_table": VERSION_TABLE, "version_table_schema": schema}
+    )
+    current = context.get_current_revision()
+    with script_location() as location:
+        config = Config()
+        config.set_main_option("script_location", str(location))
+        scripts = ScriptDirectory.from_config(config)
+        head = scripts.get_current_head()
+        if current == head:
+            return
+        if current is not None:
+            try:
+                scripts.get_revision(current)
+            except CommandError:
+                return  # a revision from a newer release
+    raise SchemaNotMigrated(
+        f"the outbox tables in schema {schema!r} are at migration {current or 'none'},"
+        f" this mailoutbox needs {head}: run `mailoutbox migrate` or mailoutbox.migrate(engine)"
+    )
 
 
 def _run(engine: sa.Engine | sa.Connection, schema: str, action: Callable[[Config], None]) -> None:

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 
 from .errors import first_line
 from .logs import format_duration
-from .outbox import Outbox
+from .migrations import require_current
+from .outbox import Outbox, translate_missing_schema
 from .retry import RetryPolicy
 from .worker import Worker, WorkerObserver
 
@@ -119,6 +120,14 @@ class WorkerSettings:
         )
 
 
+def require_ready(outbox: Outbox) -> None:
+    """Fail fast, before anything is claimed: the database unreachable, the tables
+    missing, or a migration this release needs not yet run (SchemaNotMigrated)."""
+    outbox.queue_health()
+    with translate_missing_schema(outbox.schema), outbox.engine.connect() as connection:
+        require_current(connection, outbox.schema)
+
+
 def serve_worker(settings: WorkerSettings, engine: sa.Engine | None = None) -> None:
     """Run one worker until SIGTERM or SIGINT, then finish the sends in flight.
 
@@ -131,7 +140,7 @@ def serve_worker(settings: WorkerSettings, engine: sa.Engine | None = None) -> N
             engine = settings.engine()
             stack.callback(engine.dispose)
         outbox = Outbox(engine, schema=settings.schema)
-        outbox.queue_health()  # fail fast when unreachable or not migrated
+        require_ready(outbox)
 
         observer: WorkerObserver | None = None
         port_note = ""

@@ -520,6 +520,43 @@ def test_worker_on_unmigrated_database_exits_3(empty_db_url: sa.URL) -> None:
     assert_one_line_error(result, 3, "mailoutbox migrate")
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_worker_on_a_schema_a_migration_behind_exits_3(db_url: sa.URL, processes: str) -> None:
+    """Upgrading the package without `mailoutbox migrate` is caught before anything is
+    claimed; before, every claim failed on the missing column and the worker retried
+    for ever, logging 'database unavailable', while no mail went out."""
+    engine = sa.create_engine(db_url)
+    try:
+        mailoutbox.downgrade(engine, schema=SCHEMA, revision="0003")
+    finally:
+        engine.dispose()
+    args = ("worker", "--smtp-host", "127.0.0.1", "--processes", processes)
+    result = run(*db(db_url, *args))
+    assert_one_line_error(result, 3, "at migration 0003", "needs 0004", "mailoutbox migrate")
+
+
+def test_a_schema_migrated_by_a_newer_release_passes_the_worker_check(db_url: sa.URL) -> None:
+    """In a rolling deploy a newer release migrates first while older workers still run:
+    migrations only add, so an unknown, newer revision is not refused."""
+    from mailoutbox.migrations import require_current
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            require_current(conn, SCHEMA)
+            conn.execute(
+                sa.text(f"UPDATE {SCHEMA}.mailoutbox_alembic_version SET version_num = '0099'")
+            )
+            require_current(conn, SCHEMA)
+            conn.execute(
+                sa.text(f"UPDATE {SCHEMA}.mailoutbox_alembic_version SET version_num = '0002'")
+            )
+            with pytest.raises(mailoutbox.SchemaNotMigrated, match="at migration 0002"):
+                require_current(conn, SCHEMA)
+    finally:
+        engine.dispose()
+
+
 def test_worker_on_unreachable_database_exits_3() -> None:
     """The worker does not start against a database it cannot reach."""
     result = run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -265,3 +266,29 @@ def test_loop_backoff_grows_while_failures_follow_each_other_and_restarts_after_
     backoff.progressed()
     assert backoff.failed(down) == 0.5
     assert backoff.failed(down) == 1.0
+
+
+def test_loop_backoff_names_a_schema_mismatch_as_work_for_the_operator(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A missing column (the package upgraded, `mailoutbox migrate` not run) is not an
+    outage that passes by itself: the log line says what to run, at ERROR."""
+    import psycopg
+    import sqlalchemy as sa
+
+    from mailoutbox.delivery import LoopBackoff
+
+    missing = psycopg.errors.UndefinedColumn(
+        "column mail_deliveries.last_attempt_no does not exist"
+    )
+    down = psycopg.OperationalError("connection refused")
+    backoff = LoopBackoff()
+    with caplog.at_level(logging.WARNING, logger="mailoutbox.delivery"):
+        backoff.failed(sa.exc.ProgrammingError("SELECT", {}, missing))
+        backoff.failed(sa.exc.OperationalError("SELECT", {}, down))
+    [mismatch, outage] = caplog.records
+    assert mismatch.levelno == logging.ERROR
+    assert "mailoutbox migrate" in mismatch.getMessage()
+    assert "last_attempt_no does not exist" in mismatch.getMessage()
+    assert outage.levelno == logging.WARNING
+    assert outage.getMessage().startswith("database unavailable")
