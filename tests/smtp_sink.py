@@ -16,8 +16,9 @@ Failures it can stage:
   e.g. ``"421 4.3.2 Service not available"``.
 - `mail_reply`, `rcpt_replies` (per address), `data_command_reply` (the reply
   to DATA itself) and `data_reply` (after the message): replies sent instead of
-  the usual success. `next_mail_replies` are one-shot replies to the next MAIL
-  commands, used up in order before `mail_reply` applies.
+  the usual success (a 2xx `data_reply` still records the message).
+  `next_mail_replies` are one-shot replies to the next MAIL commands, used up in
+  order before `mail_reply` applies.
 - `drop_after_data`: hang up after reading the message, without a reply (the
   message goes to `dropped`, not `messages`).
 - `delays`: seconds to wait before replying, per stage: ``"greeting"``,
@@ -180,10 +181,11 @@ class _Handler:
             # connection_lost cancels this coroutine; no reply ever goes out.
             await asyncio.sleep(_FOREVER)
         await self.sink._delay("DATA")
-        if self.sink.data_reply is not None:
-            return self.sink.data_reply
+        reply = self.sink.data_reply
+        if reply is not None and not reply.startswith("2"):
+            return reply
         self.sink._record(received, dropped=False)
-        return "250 2.0.0 Message accepted"
+        return reply or "250 2.0.0 Message accepted"
 
 
 class _SinkController(Controller):

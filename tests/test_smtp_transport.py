@@ -586,15 +586,26 @@ def raw_server(handler: Handler) -> Iterator[tuple[str, int]]:
         assert not thread.is_alive()
 
 
-def smtp_handler(ehlo_reply: bytes, final_reply: bytes = b"250 queued\r\n") -> Handler:
-    """Just enough SMTP to reach the end of DATA, with the given EHLO and final replies."""
+def smtp_handler(
+    ehlo_reply: bytes,
+    final_reply: bytes = b"250 queued\r\n",
+    *,
+    greeting: bytes = b"220 raw.localhost ESMTP\r\n",
+    replies: dict[bytes, bytes] | None = None,
+) -> Handler:
+    """Just enough SMTP to reach the end of DATA, with the given EHLO and final replies.
+
+    `replies` answers other commands by verb (``b"MAIL"``, ``b"RCPT"``, ``b"AUTH"``).
+    """
 
     def handle(client: socket.socket, stop: threading.Event) -> None:
         with client.makefile("rb") as reader:
-            client.sendall(b"220 raw.localhost ESMTP\r\n")
+            client.sendall(greeting)
             while line := reader.readline():
                 verb = line[:4].upper()
-                if verb == b"EHLO":
+                if replies and verb in replies:
+                    client.sendall(replies[verb])
+                elif verb == b"EHLO":
                     client.sendall(ehlo_reply)
                 elif verb == b"DATA":
                     client.sendall(b"354 go ahead\r\n")
@@ -686,6 +697,55 @@ def test_overlong_reply_is_given_up(
     assert type(info.value) is error
     assert info.value.code is None
     assert "reply longer than 100 lines or 65536 bytes" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("greeting", "ehlo_reply", "replies", "final_reply", "error"),
+    [
+        (b"220 " + b"x" * 9000 + b"\r\n", multiline(2), {}, b"250 queued\r\n", ServerUnavailable),
+        (b"220 raw\r\n", b"250 " + b"x" * 9000 + b"\r\n", {}, b"250 queued\r\n", ServerUnavailable),
+        (
+            b"220 raw\r\n",
+            multiline(2),
+            {b"MAIL": b"250 " + b"x" * 9000 + b"\r\n"},
+            b"250 queued\r\n",
+            TransientSendError,
+        ),
+        (
+            b"220 raw\r\n",
+            multiline(2),
+            {b"RCPT": b"250 " + b"x" * 9000 + b"\r\n"},
+            b"250 queued\r\n",
+            TransientSendError,
+        ),
+        (
+            b"220 raw\r\n",
+            multiline(2),
+            {},
+            b"250 2.0.0 Ok: queued as 4Xy " + b"x" * 9000 + b"\r\n",
+            UnknownSendOutcome,
+        ),
+    ],
+    ids=["greeting", "ehlo", "mail", "rcpt", "final-reply"],
+)
+def test_reply_line_past_8192_bytes_is_given_up_not_a_500(
+    greeting: bytes,
+    ehlo_reply: bytes,
+    replies: dict[bytes, bytes],
+    final_reply: bytes,
+    error: type[SendError],
+) -> None:
+    """A reply line over smtplib's 8 KiB ends the session like any overrun, never as a 5xx."""
+    handler = smtp_handler(ehlo_reply, final_reply, greeting=greeting, replies=replies)
+    with raw_server(handler) as (host, port):
+        transport = SmtpTransport(host, port, security="none", timeout=5.0, local_hostname="c")
+        with pytest.raises(SendError) as info:
+            transport.send(make_envelope())
+        transport.close()
+
+    assert type(info.value) is error
+    assert info.value.code is None
+    assert "reply line longer than 8192 bytes" in str(info.value)
 
 
 def test_reply_of_100_lines_is_read_in_full() -> None:

@@ -185,6 +185,37 @@ def test_connection_dropped_after_data_is_unknown_and_retried_same_message_id(
     assert sink.dropped[0].message_id == sink.messages[0].message_id
 
 
+def test_accepting_reply_past_8192_bytes_is_unknown_not_dead_lettered(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """A 250 after the message with an over-long line: the server has it; retried, not dropped."""
+    enq = outbox.enqueue(make_mail())
+    sink.data_reply = "250 2.0.0 Ok: queued as 4Xy " + "x" * 9000
+    assert run_tick(smtp_worker(outbox, sink)).retried == 1
+    assert len(sink.messages) == 1
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.outcome is Outcome.UNKNOWN
+    assert_retrying_in_30s(outbox, enq.delivery_id)
+
+
+def test_greeting_line_past_8192_bytes_pauses_without_charging_attempts(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """An over-long greeting line is a server unavailable, not a 5xx that dead-letters the batch."""
+    enqueued = outbox.enqueue_many([make_mail() for _ in range(3)])
+    sink.greeting = "220 " + "x" * 9000
+    assert run_tick(smtp_worker(outbox, sink)).dead_lettered == 0
+    attempts = []
+    for enq in enqueued:
+        delivery = outbox.get_delivery(enq.delivery_id)
+        # The one that met the greeting is due again shortly; the others were handed back.
+        assert delivery.status in (Status.RETRYING, Status.PENDING)
+        assert delivery.attempts == 0
+        attempts += outbox.list_attempts(enq.delivery_id)
+    assert attempts
+    assert {(a.error_class, a.smtp_code) for a in attempts} == {("ServerUnavailable", None)}
+
+
 def sink_engine_update_due(outbox: Outbox) -> None:
     """Make every retrying delivery due now."""
     with outbox.engine.begin() as conn:

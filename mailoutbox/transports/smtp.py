@@ -12,11 +12,11 @@ Reply classes map to the error tree: 4xx -> TransientSendError, 5xx ->
 PermanentSendError (a 535 to AUTH included: the credentials are wrong), each
 with the reply code and the RFC 3463 enhanced status code when the server gave
 one. Refused, reset or timed-out connections, replies that do not end within
-the timeout or run past `_MAX_REPLY_LINES` / `_MAX_REPLY_BYTES` lines / bytes,
-and failed TLS handshakes (certificate errors included, as an MTA defers them)
-are transient, or unknown once the message was sent. What no retry can fix is
-permanent: STARTTLS required but not offered, AUTH not offered, SMTPUTF8
-needed but not offered, an unusable envelope.
+the timeout or run past `_MAX_REPLY_LINES` / `_MAX_REPLY_BYTES` lines / bytes
+(or have a line past `_MAX_LINE` bytes), and failed TLS handshakes (certificate
+errors included, as an MTA defers them) are transient, or unknown once the
+message was sent. What no retry can fix is permanent: STARTTLS required but not
+offered, AUTH not offered, SMTPUTF8 needed but not offered, an unusable envelope.
 Server text is cleaned of control characters, of the password (in case a
 server echoes it) and cut to `MAX_SERVER_TEXT` characters before it reaches an
 exception.
@@ -147,8 +147,11 @@ class _Session(smtplib.SMTP):
                     self.close()
                     raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
                 if len(line) > _MAX_LINE:
+                    # smtplib raises a made-up "500 Line too long." here, which would
+                    # read as the server's permanent refusal (of a message it may have
+                    # just accepted); it is an overrun like the others.
                     self.close()
-                    raise smtplib.SMTPResponseException(500, "Line too long.")
+                    raise _AbandonedReply(f"reply line longer than {_MAX_LINE} bytes")
                 resp.append(line[4:].strip(b" \t\r\n"))
                 size += len(line)
                 # A broken reply code ends the reply: reading on would be guessing.
