@@ -387,6 +387,35 @@ def test_refused_recipient_reply_is_mapped(
     assert sink.messages == []
 
 
+@pytest.mark.parametrize(
+    ("reply", "code"),
+    [("150 huh", 150), ("354 Start mail input", 354), ("this is not SMTP", None)],
+    ids=["1xx", "354", "garbage"],
+)
+@pytest.mark.parametrize(
+    "recipients",
+    [("alice@example.com",), ("bob@example.com", "alice@example.com")],
+    ids=["only-recipient", "after-an-accepted-one"],
+)
+def test_unexpected_rcpt_reply_is_a_transient_protocol_error(
+    sink: SmtpSink,
+    make_transport: MakeTransport,
+    reply: str,
+    code: int | None,
+    recipients: tuple[str, ...],
+) -> None:
+    """A reply to RCPT that is neither success nor 4xx/5xx is no refusal: retry the mail."""
+    sink.rcpt_replies = {"alice@example.com": reply}
+
+    with pytest.raises(TransientSendError) as info:
+        make_transport(sink).send(make_envelope(recipients))
+
+    assert type(info.value) is TransientSendError
+    assert info.value.code == code
+    assert "RCPT TO: unexpected reply" in str(info.value)
+    assert sink.messages == []
+
+
 def test_all_recipients_refused_with_one_4xx_is_transient(
     sink: SmtpSink, make_transport: MakeTransport
 ) -> None:

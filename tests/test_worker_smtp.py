@@ -143,6 +143,18 @@ def test_550_at_rcpt_dead_letters(outbox: Outbox, sink: SmtpSink) -> None:
     assert "550" in outbox.list_dead_letters().items[0].reason
 
 
+def test_garbage_reply_at_rcpt_retries_instead_of_dead_lettering(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """A reply to RCPT with no reply code is a protocol error, retried, not a refusal."""
+    enq = outbox.enqueue(make_mail(to=["a@example.com"]))
+    sink.rcpt_replies = {"a@example.com": "age of aquarius"}
+    assert run_tick(smtp_worker(outbox, sink)).retried == 1
+    assert_retrying_in_30s(outbox, enq.delivery_id)
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert (attempt.outcome, attempt.smtp_code) == (Outcome.TRANSIENT_FAILURE, None)
+
+
 def test_one_of_three_recipients_refused_is_sent_to_the_others(
     outbox: Outbox, sink: SmtpSink
 ) -> None:

@@ -11,12 +11,15 @@ message).
 Reply classes map to the error tree: 4xx -> TransientSendError, 5xx ->
 PermanentSendError (a 535 to AUTH included: the credentials are wrong), each
 with the reply code and the RFC 3463 enhanced status code when the server gave
-one. Refused, reset or timed-out connections, replies that do not end within
-the timeout or run past `_MAX_REPLY_LINES` / `_MAX_REPLY_BYTES` lines / bytes
-(or have a line past `_MAX_LINE` bytes), and failed TLS handshakes (certificate
-errors included, as an MTA defers them) are transient, or unknown once the
-message was sent. What no retry can fix is permanent: STARTTLS required but not
-offered, AUTH not offered, SMTPUTF8 needed but not offered, an unusable envelope.
+one. Any other reply where a success was due (a 1xx, a 354 to RCPT, a line
+without a reply code) is a protocol error: transient, or an
+`UnknownSendOutcome` after the message. Refused, reset or timed-out
+connections, replies that do not end within the timeout or run past
+`_MAX_REPLY_LINES` / `_MAX_REPLY_BYTES` lines / bytes (or have a line past
+`_MAX_LINE` bytes), and failed TLS handshakes (certificate errors included, as
+an MTA defers them) are transient, or unknown once the message was sent. What
+no retry can fix is permanent: STARTTLS required but not offered, AUTH not
+offered, SMTPUTF8 needed but not offered, an unusable envelope.
 Server text is cleaned of control characters, of the password (in case a
 server echoes it) and cut to `MAX_SERVER_TEXT` characters before it reaches an
 exception.
@@ -379,7 +382,11 @@ class SmtpTransport:
                 code, text = session.rcpt(recipient)
                 if code in (250, 251):
                     continue
-                if code == 421:
+                # Only a 4xx/5xx refuses a recipient. 421 says the server is closing the
+                # session; anything else (1xx, 354, a line without a code) is a protocol
+                # error, transient as at MAIL or DATA, never a refusal to report or,
+                # for the only recipient, a permanent failure.
+                if code == 421 or not 400 <= code < 600:
                     raise self._reply_error(_RCPT, code, text)
                 refused[recipient] = (code, self._clean(text))
             if len(refused) == len(envelope.recipients):
