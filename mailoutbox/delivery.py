@@ -72,7 +72,9 @@ class TickReport:
     `claimed` counts leases taken; each ends as `sent`, `retried`,
     `dead_lettered`, `released` (handed back unsent because the worker was
     stopping) or `lost` (the lease was taken over before completion, so the
-    outcome was not recorded).
+    outcome was not recorded). `taken_over` counts the claimed deliveries whose
+    previous lease had run out (its worker died or hung): the claim recorded a
+    `lease_expired` attempt for each.
     """
 
     claimed: int = 0
@@ -81,6 +83,7 @@ class TickReport:
     dead_lettered: int = 0
     released: int = 0
     lost: int = 0
+    taken_over: int = 0
 
     def __add__(self, other: TickReport) -> TickReport:
         return TickReport(
@@ -90,14 +93,15 @@ class TickReport:
     @classmethod
     def of_batch(
         cls,
-        claimed: int,
+        claimed: Sequence[ClaimedDelivery],
         completions: Sequence[Completion],
         completed: Set[uuid.UUID],
         released: int,
     ) -> TickReport:
         applied = [c.status for c in completions if c.delivery_id in completed]
         return cls(
-            claimed=claimed,
+            claimed=len(claimed),
+            taken_over=sum(c.previous_status is Status.SENDING for c in claimed),
             sent=applied.count(Status.SENT),
             retried=applied.count(Status.RETRYING),
             dead_lettered=applied.count(Status.DEAD_LETTERED),
@@ -329,7 +333,7 @@ class SentBatch:
         released: int,
     ) -> TickReport:
         """Report the batch once its record is committed (log, observer)."""
-        report = TickReport.of_batch(len(self.claimed), self.completions, completed, released)
+        report = TickReport.of_batch(self.claimed, self.completions, completed, released)
         if report.lost:
             log.warning(
                 "%d completions were fenced off: their leases had been taken over",

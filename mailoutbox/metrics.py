@@ -123,6 +123,9 @@ class PrometheusObserver:
             if attempt.outcome is not Outcome.EXPIRED:
                 # An expired delivery was never handed to the transport: no duration.
                 self.send_duration.observe(max(0.0, attempt.duration_seconds))
+        if report.taken_over:
+            # The claim wrote these attempts (no completion carries them).
+            self.attempts.labels(outcome=Outcome.LEASE_EXPIRED.value).inc(report.taken_over)
         for result in BATCH_RESULTS:
             value = getattr(report, result)
             if value:

@@ -23,6 +23,7 @@ from mailoutbox.worker import TickReport, Worker
 
 from .conftest import SCHEMA
 from .factories import make_mail
+from .test_store_claim import expire_leases
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,6 +189,30 @@ def test_endpoint_exposes_worker_and_queue_metrics_after_a_tick(outbox: Outbox) 
     assert samples[("mailoutbox_leases_lost_total", ())] == 0
     assert samples[("mailoutbox_oldest_due_age_seconds", ())] == 0
     assert samples[("mailoutbox_leases_in_flight", ())] == 0
+
+
+def test_a_lease_taken_over_from_a_dead_worker_counts_a_lease_expired_attempt(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """The README lists lease_expired among the counted outcomes: an alert on it is how
+    crashing or hung workers show. The claim records those attempts, so the worker that
+    takes the lease over counts them."""
+    outbox.enqueue_many([make_mail(), make_mail()])
+    with engine.begin() as conn:
+        outbox.store.claim_due(conn, limit=10, worker="dead-worker", lease_seconds=60)
+    expire_leases(engine)
+    observer = PrometheusObserver()
+    worker = Worker(outbox, MemoryTransport(), observer=observer, name="heir")
+    report = worker.tick()
+    worker.close()
+    assert report.taken_over == 2 and report.sent == 2
+    assert value(observer, "mailoutbox_attempts_total", outcome="lease_expired") == 2
+    assert value(observer, "mailoutbox_attempts_total", outcome="sent") == 2
+    with engine.connect() as conn:
+        recorded = conn.execute(
+            sa.text("SELECT count(*) FROM mailoutbox.mail_attempts WHERE outcome = 'lease_expired'")
+        ).scalar_one()
+    assert recorded == 2
 
 
 def test_endpoint_reports_the_age_of_the_oldest_due_delivery(outbox: Outbox) -> None:

@@ -296,7 +296,7 @@ def test_delivery_whose_workers_always_die_ends_dead_lettered(
                 )
             )
     transport = MemoryTransport()
-    assert worker(outbox, transport).tick() == TickReport(claimed=1, dead_lettered=1)
+    assert worker(outbox, transport).tick() == TickReport(claimed=1, dead_lettered=1, taken_over=1)
     assert transport.sent == []
     delivery = outbox.get_delivery(enq.delivery_id)
     assert delivery.status is Status.DEAD_LETTERED
