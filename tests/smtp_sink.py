@@ -25,7 +25,8 @@ Failures it can stage:
   ``"MAIL"``, ``"RCPT"``, ``"DATA"`` (the final reply after the message).
 - `credentials=(user, password)`: offer AUTH (PLAIN, LOGIN) without TLS and
   answer 535 to anything else (`auth_attempts` counts tries); with
-  `auth_required`, MAIL needs a login first.
+  `auth_required`, MAIL needs a login first. `auth_reply`: a reply sent to
+  every AUTH command instead, e.g. a ``334`` challenge that is not base64.
 - `tls_context`: offer STARTTLS with that server context (not offered without);
   `implicit_tls`: speak TLS from the first byte with that context instead.
   `server_tls_context()` builds one from the self-signed certificate that
@@ -116,6 +117,13 @@ class _SinkSMTP(SMTP):
             self.transport.close()
             return
         await super()._handle_client()
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        reply = self.sink.auth_reply
+        if reply is not None:
+            await self.push(reply)
+            return
+        await super().smtp_AUTH(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         reply = self.sink.data_command_reply
@@ -272,6 +280,7 @@ class SmtpSink:
         self.mail_reply: str | None = None
         self.next_mail_replies: list[str] = []
         self.rcpt_replies: dict[str, str] = {}
+        self.auth_reply: str | None = None
         self.data_command_reply: str | None = None
         self.data_reply: str | None = None
         self.drop_after_data = False

@@ -838,6 +838,27 @@ def test_wrong_password_is_permanent_and_never_shown(
     )
 
 
+def test_malformed_auth_challenge_is_server_unavailable(
+    auth_sink: SmtpSink, make_transport: MakeTransport
+) -> None:
+    """A 334 challenge that is not base64 is the server's fault: unavailable, not permanent."""
+    auth_sink.auth_reply = "334 abc"
+    transport = make_transport(auth_sink, username=USER, password=PASSWORD)
+
+    with pytest.raises(SendError) as info:
+        transport.send(make_envelope())
+
+    assert type(info.value) is ServerUnavailable
+    assert info.value.code is None
+    assert "AUTH" in str(info.value)
+    assert_no_secret(info.value)
+    assert auth_sink.messages == []
+    # The half-done session was dropped: once the server behaves, the next send logs in.
+    auth_sink.auth_reply = None
+    transport.send(make_envelope())
+    assert len(auth_sink.messages) == 1
+
+
 def test_auth_not_offered_is_permanent(sink: SmtpSink, make_transport: MakeTransport) -> None:
     """Credentials for a server that offers no AUTH raise PermanentSendError."""
     transport = make_transport(sink, username=USER, password=PASSWORD)

@@ -277,6 +277,23 @@ def test_wrong_credentials_dead_letter_and_never_leak_the_password(
     assert password not in repr(worker.transport)
 
 
+def test_malformed_auth_challenge_dead_letters_nothing(outbox: Outbox) -> None:
+    """A server answering AUTH with a challenge that is not base64 pauses sending; no mail lost."""
+    with SmtpSink(credentials=("app", "pw"), auth_required=True) as sink:
+        sink.auth_reply = "334 abc"
+        enqueued = outbox.enqueue_many([make_mail() for _ in range(3)])
+        worker = smtp_worker(outbox, sink, username="app", password="pw")
+        assert run_tick(worker).dead_lettered == 0
+    attempts = []
+    for enq in enqueued:
+        delivery = outbox.get_delivery(enq.delivery_id)
+        assert delivery.status in (Status.RETRYING, Status.PENDING)
+        assert delivery.attempts == 0
+        attempts += outbox.list_attempts(enq.delivery_id)
+    assert attempts
+    assert {a.error_class for a in attempts} == {"ServerUnavailable"}
+
+
 def test_starttls_not_offered_is_refused_under_starttls(outbox: Outbox, sink: SmtpSink) -> None:
     """security='starttls' against a server without STARTTLS sends nothing and dead-letters."""
     enq = outbox.enqueue(make_mail())

@@ -16,8 +16,9 @@ without a reply code) is a protocol error: transient, or an
 `UnknownSendOutcome` after the message. Refused, reset or timed-out
 connections, replies that do not end within the timeout or run past
 `_MAX_REPLY_LINES` / `_MAX_REPLY_BYTES` lines / bytes (or have a line past
-`_MAX_LINE` bytes), and failed TLS handshakes (certificate errors included, as
-an MTA defers them) are transient, or unknown once the message was sent. What
+`_MAX_LINE` bytes), replies smtplib fails to parse (a 334 AUTH challenge that
+is not base64), and failed TLS handshakes (certificate errors included, as an
+MTA defers them) are transient, or unknown once the message was sent. What
 no retry can fix is permanent: STARTTLS required but not offered, AUTH not
 offered, SMTPUTF8 needed but not offered, an unusable envelope.
 Server text is cleaned of control characters, of the password (in case a
@@ -419,6 +420,11 @@ class SmtpTransport:
         except (smtplib.SMTPException, OSError) as exc:
             self._discard(session)
             raise self._translate(stage, exc) from exc
+        except ValueError as exc:
+            self._discard(session)
+            if isinstance(exc, UnicodeError):
+                raise
+            raise self._malformed(stage, exc) from exc
         except BaseException:
             self._discard(session)
             raise
@@ -547,6 +553,11 @@ class SmtpTransport:
         except (smtplib.SMTPException, OSError) as exc:
             self._discard(session)
             raise self._translate(stage, exc) from exc
+        except ValueError as exc:
+            self._discard(session)
+            if isinstance(exc, UnicodeError):
+                raise
+            raise self._malformed(stage, exc) from exc
         except BaseException:
             self._discard(session)
             raise
@@ -651,6 +662,21 @@ class SmtpTransport:
                 f"(the server may have accepted it): {detail}",
             )
         return TransientSendError(None, f"{stage}: connection lost: {detail}")
+
+    def _malformed(self, stage: str, exc: ValueError) -> SendError:
+        # smtplib lets some malformed replies escape as a ValueError, such as a 334 AUTH
+        # challenge that is not base64 (binascii.Error): garbage from the server, as
+        # transient as garbage anywhere else. A UnicodeError is not one of them (it is
+        # text of ours smtplib cannot encode, e.g. a non-ASCII password) and the
+        # callers let it through.
+        where = f"{stage}: {self._host}:{self._port}: malformed reply"
+        detail = self._clean(str(exc)) or type(exc).__name__
+        if stage == _FINAL_REPLY:
+            return UnknownSendOutcome(
+                None,
+                f"{where} after the message was sent (the server may have accepted it): {detail}",
+            )
+        return TransientSendError(None, f"{where}: {detail}")
 
     def _translate(self, stage: str, exc: BaseException) -> SendError:
         if isinstance(exc, smtplib.SMTPResponseException):
