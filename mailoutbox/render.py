@@ -57,8 +57,10 @@ _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_
 # What email.header and the policy.default parser take for the start of an encoded-word.
 _ENCODED_WORD_START = re.compile(r"=\?[^?]*\?[bBqQ]\?")
 # Split points for folding: a token is a run of non-spaces with the spaces before it,
-# so folding before a token never leaves trailing whitespace on the line above.
-_TOKEN = re.compile(r" *[^ ]+| +$")
+# so folding before a token never leaves trailing whitespace on the line above. Trailing
+# spaces belong to the last token: alone, they could not be folded onto a line of their
+# own and would stretch the last line past 998 octets.
+_TOKEN = re.compile(r" *[^ ]+(?: +$)?| +$")
 # The bytes 7bit text may hold: printable ASCII, tab and LF (CR is normalised away).
 # Deleting them (bytes.translate) leaves whatever rules 7bit out; a regex scan of a
 # body cost more than the rest of its rendering.

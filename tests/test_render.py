@@ -577,6 +577,7 @@ def test_from_message_keeps_a_nested_structure() -> None:
         pytest.param({"headers": {"X-Long": "v " * 2500}}, id="long-header-words"),
         pytest.param({"to": [formataddr(("n" * 2000, "a@example.com"))]}, id="long-ascii-name"),
         pytest.param({"to": [formataddr(("n, " * 700, "a@example.com"))]}, id="long-quoted-name"),
+        pytest.param({"headers": {"X-Tracking": "t" * 900 + " " * 100}}, id="trailing-spaces"),
     ],
 )
 def test_every_line_is_crlf_terminated_and_short(overrides: dict[str, Any]) -> None:
@@ -588,12 +589,14 @@ def test_every_line_is_crlf_terminated_and_short(overrides: dict[str, Any]) -> N
 
 def test_long_header_values_read_back_intact() -> None:
     """Header values far over one line come back unchanged after folding."""
+    trailing = "t" * 900 + " " * 100
     message = render_and_parse(
-        headers={"X-Word": "v" * 5000, "X-Words": "v " * 2500},
+        headers={"X-Word": "v" * 5000, "X-Words": "v " * 2500, "X-Trailing": trailing},
         to=[formataddr(("n, " * 700, "a@example.com"))],
     )
     assert message["X-Word"] == "v" * 5000
     assert message["X-Words"] == "v " * 2500
+    assert message["X-Trailing"] == trailing
     assert message["To"].addresses[0].display_name == "n, " * 700
 
 
