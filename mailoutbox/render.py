@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from email.errors import HeaderParseError
 from email.generator import BytesGenerator
 from email.header import decode_header, make_header
+from email.message import Message
 from email.parser import BytesParser
 from email.utils import format_datetime, getaddresses, parseaddr
 
@@ -38,7 +39,7 @@ from .records import Payload, Recipient
 from .schema import Kind
 from .transports.base import Envelope
 
-__all__ = ["message_id_for", "render", "seven_bit_message"]
+__all__ = ["message_id_for", "render", "seven_bit_message", "seven_bit_parts"]
 
 _CRLF = b"\r\n"
 # RFC 5322 2.1.1: lines SHOULD stay within 78 characters and MUST within 998.
@@ -504,13 +505,12 @@ def _embedded_message(data: bytes) -> list[bytes]:
 def seven_bit_message(data: bytes) -> bytes:
     """Serialized MIME message `data` made 7-bit clean, with CRLF lines of <= 998 octets.
 
-    Returned unchanged when it already is. Otherwise the leaf parts whose
-    encoded form is 8-bit, binary or has over-long lines are re-encoded
-    (text as quoted-printable or base64 of its CRLF form, anything else as
-    base64) and the message is generated again; raw 8-bit header text
-    becomes RFC 2047 encoded-words. ``EmailMessage.set_content`` under
-    ``policy.default`` leaves non-ASCII text with short lines as 8bit, so
-    prepare() runs this once at enqueue, sparing every send the slow path.
+    Returned unchanged when it already is. Otherwise its parts are made clean
+    as `seven_bit_parts` does and the message is generated again; raw 8-bit
+    header text becomes RFC 2047 encoded-words. ``EmailMessage.set_content``
+    under ``policy.default`` leaves non-ASCII text with short lines as 8bit,
+    so prepare() makes a message clean once at enqueue, sparing every send
+    the slow path.
     """
     if _is_clean(data):
         return data
@@ -518,28 +518,82 @@ def seven_bit_message(data: bytes) -> bytes:
     # 8-bit header text a compat32 message may have carried.
     policy = email.policy.SMTP.clone(refold_source="all")
     message = BytesParser(policy=policy).parsebytes(data)
+    seven_bit_parts(message)
+    out = io.BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=policy).flatten(message)
+    return out.getvalue()
+
+
+def _is_clean_text(text: str) -> bool:
+    return (
+        text.isascii()
+        and "\x00" not in text
+        and max(map(len, _LINE_BREAK.split(text))) <= _MAX_LINE
+    )
+
+
+# Printable ASCII, tab and line breaks: a charset that writes these as ASCII bytes keeps
+# line breaks as the bytes CR and LF, which _encode_text rewrites.
+_ASCII_PROBE = "\t\r\n" + "".join(map(chr, range(0x20, 0x7F)))
+
+
+@functools.lru_cache(maxsize=64)
+def _ascii_compatible(charset: str) -> bool:
+    try:
+        return _ASCII_PROBE.encode(charset) == _ASCII_PROBE.encode("ascii")
+    except (LookupError, ValueError):  # unknown to Python: its bytes are kept as they are
+        return False
+
+
+def seven_bit_parts(message: Message) -> None:
+    """Make the parts of `message` 7-bit clean with lines of <= 998 octets, in place.
+
+    Leaf parts whose encoded form is 8-bit, binary or has over-long lines are
+    re-encoded: text in an ASCII-compatible charset as quoted-printable or
+    base64 of its CRLF form, anything else (UTF-16 text too) as base64 of its
+    bytes unchanged. A preamble or epilogue that is not clean is dropped: MIME
+    readers ignore it anyway. Raises InvalidMail for a part the email package
+    could not write: a multipart part without subparts (no boundary), or a
+    payload of text where bytes belong (``set_payload`` without a charset).
+    """
     for part in message.walk():
         if part.is_multipart():
+            if part.preamble is not None and not _is_clean_text(part.preamble):
+                part.preamble = None
+            if part.epilogue is not None and not _is_clean_text(part.epilogue):
+                part.epilogue = None
             continue
-        encoded = part.get_payload()
+        # get_payload() decodes a payload of 8-bit bytes (held as surrogate escapes) with
+        # errors="replace": only the stored value tells such bytes from text a caller set.
+        payload = vars(part).get("_payload")
+        if payload is None:
+            continue
+        if part.get_content_maintype() == "multipart":
+            raise InvalidMail(
+                "a multipart part has no subparts (is its boundary missing?)", field="message"
+            )
+        if not isinstance(payload, str):
+            raise InvalidMail(
+                f"a part's payload is a {type(payload).__name__}, not text", field="message"
+            )
         cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
-        if (
-            isinstance(encoded, str)
-            and cte != "binary"
-            and encoded.isascii()
-            and "\x00" not in encoded
-            and max(map(len, _LINE_BREAK.split(encoded))) <= _MAX_LINE
-        ):
+        if cte != "binary" and _is_clean_text(payload):
             continue
+        try:
+            payload.encode("ascii", "surrogateescape")
+        except UnicodeEncodeError:
+            raise InvalidMail(
+                "a part's payload is non-ASCII text, not bytes: set it with a charset",
+                field="message",
+            ) from None
         raw = part.get_payload(decode=True)
         assert isinstance(raw, bytes)
-        if part.get_content_maintype() == "text":
+        if part.get_content_maintype() == "text" and _ascii_compatible(
+            part.get_content_charset("us-ascii")
+        ):
             cte, body = _encode_text(raw)
         else:
             cte, body = "base64", _base64_lines(raw)
         del part["Content-Transfer-Encoding"]
         part["Content-Transfer-Encoding"] = cte
         part.set_payload(body.decode("ascii"))
-    out = io.BytesIO()
-    BytesGenerator(out, mangle_from_=False, policy=policy).flatten(message)
-    return out.getvalue()

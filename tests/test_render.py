@@ -563,6 +563,36 @@ def test_from_message_keeps_a_nested_structure() -> None:
     ]
 
 
+PREAMBLE_AND_EPILOGUE = (
+    b"To: a@example.com\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n"
+    + "Préambule\r\n".encode()
+    + b"--XX\r\nContent-Type: text/plain\r\n\r\nhi\r\n--XX--\r\n"
+    + b"e" * 1500
+    + b"\r\n"
+)
+
+
+def test_stored_body_with_8bit_preamble_is_made_clean() -> None:
+    """seven_bit_message cleans a stored body whose only flaw is its preamble or epilogue."""
+    body = PREAMBLE_AND_EPILOGUE.partition(b"\r\n")[2]
+    assert_wire_format(seven_bit_message(body))
+
+
+UTF16_TEXT = "Hello\r\nthere é\r\n"
+
+
+def test_stored_utf16_text_part_reads_back_intact() -> None:
+    """seven_bit_message base64-encodes a UTF-16 part's bytes unchanged."""
+    body = (
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-16\r\n"
+        b"Content-Transfer-Encoding: binary\r\n\r\n" + UTF16_TEXT.encode("utf-16")
+    )
+    data = seven_bit_message(body)
+    assert_wire_format(data)
+    assert text_of(parse(data)) == UTF16_TEXT
+
+
 # --- wire format -----------------------------------------------------------------------------
 
 
