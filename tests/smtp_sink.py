@@ -19,6 +19,11 @@ Failures it can stage:
   the usual success (a 2xx `data_reply` still records the message).
   `next_mail_replies` are one-shot replies to the next MAIL commands, used up in
   order before `mail_reply` applies.
+- `next_data_replies`: one-shot replies after the next messages, used up in
+  order before `data_reply` applies: None accepts as usual, `HANG_UP` hangs up
+  without a reply (as `drop_after_data` does once).
+- `max_recipients`: the most recipients one transaction takes; RCPT past it is
+  answered ``452 4.5.3 Too many recipients`` (RFC 5321 4.5.3.1.10).
 - `drop_after_data`: hang up after reading the message, without a reply (the
   message goes to `dropped`, not `messages`).
 - `delays`: seconds to wait before replying, per stage: ``"greeting"``,
@@ -56,6 +61,9 @@ HOST = "127.0.0.1"
 SERVER_HOSTNAME = "sink.localhost"
 # Long enough that the client gives up first, short enough to never hang a test run.
 _FOREVER = 60.0
+# In `next_data_replies`: hang up after the message instead of replying.
+HANG_UP = "<hang up>"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 # aiosmtpd's own test certificate: self-signed, CN "aes", valid until 2119.
 CERT_DIR = Path(aiosmtpd.__file__).parent / "tests" / "certs"
 SERVER_CERT = CERT_DIR / "server.crt"
@@ -167,6 +175,9 @@ class _Handler:
         reply = self.sink.rcpt_replies.get(address)
         if reply is not None:
             return reply
+        limit = self.sink.max_recipients
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return TOO_MANY_RECIPIENTS
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 OK"
@@ -182,14 +193,16 @@ class _Handler:
             authenticated_as=auth.login.decode() if isinstance(auth, LoginPassword) else None,
             tls=session.ssl is not None or server.sink.implicit_tls,
         )
-        if self.sink.drop_after_data:
+        one_shot, reply = self.sink._next_data_reply()
+        if self.sink.drop_after_data or (one_shot and reply == HANG_UP):
             self.sink._record(received, dropped=True)
             assert server.transport is not None
             server.transport.close()
             # connection_lost cancels this coroutine; no reply ever goes out.
             await asyncio.sleep(_FOREVER)
         await self.sink._delay("DATA")
-        reply = self.sink.data_reply
+        if not one_shot:
+            reply = self.sink.data_reply
         if reply is not None and not reply.startswith("2"):
             return reply
         self.sink._record(received, dropped=False)
@@ -283,6 +296,8 @@ class SmtpSink:
         self.auth_reply: str | None = None
         self.data_command_reply: str | None = None
         self.data_reply: str | None = None
+        self.next_data_replies: list[str | None] = []
+        self.max_recipients: int | None = None
         self.drop_after_data = False
         self.delays: dict[str, float] = {}
 
@@ -346,6 +361,13 @@ class SmtpSink:
     def _next_mail_reply(self) -> str | None:
         with self._lock:
             return self.next_mail_replies.pop(0) if self.next_mail_replies else None
+
+    def _next_data_reply(self) -> tuple[bool, str | None]:
+        """(True, the next one-shot reply after a message), or (False, None) if none is left."""
+        with self._lock:
+            if self.next_data_replies:
+                return True, self.next_data_replies.pop(0)
+            return False, None
 
     async def _delay(self, stage: str) -> None:
         seconds = self.delays.get(stage)

@@ -24,7 +24,13 @@ from mailoutbox.errors import (
 from mailoutbox.transports import Envelope, SendResult, SmtpTransport
 
 from .fault.trickle_server import TrickleServer
-from .smtp_sink import SERVER_CERT, SmtpSink, client_tls_context, server_tls_context
+from .smtp_sink import (
+    HANG_UP,
+    SERVER_CERT,
+    SmtpSink,
+    client_tls_context,
+    server_tls_context,
+)
 
 SENDER = "noreply@example.com"
 USER = "mailer"
@@ -459,6 +465,77 @@ def test_partial_refusal_returns_refused_recipient(
     assert result.refused == {"bob@example.com": (550, "5.1.1 No such user")}
     [received] = sink.messages
     assert received.rcpt_tos == ("alice@example.com", "carol@example.com")
+
+
+# -- too many recipients (RFC 5321 4.5.3.1.10) -----------------------------------------------
+
+
+def test_recipients_past_the_servers_limit_get_the_message_in_new_transactions(
+    sink: SmtpSink, make_transport: MakeTransport
+) -> None:
+    """452 to the recipients past a relay's cap: they get the same message in new transactions."""
+    sink.max_recipients = 2
+    recipients = tuple(f"r{n}@example.com" for n in range(5))
+    envelope = make_envelope(recipients)
+
+    result = make_transport(sink).send(envelope)
+
+    assert result == SendResult(refused={})
+    assert [m.rcpt_tos for m in sink.messages] == [recipients[:2], recipients[2:4], recipients[4:]]
+    assert {m.data for m in sink.messages} == {envelope.message}
+    assert {m.connection for m in sink.messages} == {1}
+
+
+@pytest.mark.parametrize(
+    ("reply", "refusal"),
+    [
+        ("451 4.3.0 Local error", (451, "end of DATA: 4.3.0 Local error")),
+        ("554 5.7.1 Rejected", (554, "end of DATA: 5.7.1 Rejected")),
+        (HANG_UP, (452, "4.5.3 Too many recipients; then, in a new transaction: connection lost")),
+    ],
+    ids=["4xx", "5xx", "hang-up"],
+)
+def test_failed_new_transaction_reports_its_recipients_refused_not_a_retry(
+    sink: SmtpSink, make_transport: MakeTransport, reply: str, refusal: tuple[int, str]
+) -> None:
+    """Once some recipients have the message, a later transaction's failure must not resend it."""
+    sink.max_recipients = 2
+    sink.next_data_replies = [None, reply]
+    recipients = ("a@example.com", "b@example.com", "c@example.com")
+
+    result = make_transport(sink).send(make_envelope(recipients))
+
+    [(code, text)] = result.refused.values()
+    assert list(result.refused) == ["c@example.com"]
+    assert code == refusal[0] and text.startswith(refusal[1])
+    assert [m.rcpt_tos for m in sink.messages] == [recipients[:2]]
+
+
+def test_recipient_refused_again_in_a_new_transaction_stays_refused(
+    sink: SmtpSink, make_transport: MakeTransport
+) -> None:
+    """A 452 not about the limit (a full mailbox) ends as a refusal; the session lives on."""
+    sink.rcpt_replies = {"full@example.com": "452 4.2.2 Mailbox full"}
+    transport = make_transport(sink)
+
+    result = transport.send(make_envelope(("a@example.com", "full@example.com")))
+    transport.send(make_envelope())
+
+    assert result.refused == {"full@example.com": (452, "4.2.2 Mailbox full")}
+    assert [m.rcpt_tos for m in sink.messages] == [("a@example.com",), ("alice@example.com",)]
+    assert sink.connections == 1
+
+
+def test_other_4xx_refusal_of_one_recipient_is_reported_without_a_new_transaction(
+    sink: SmtpSink, make_transport: MakeTransport
+) -> None:
+    """Greylisting (450) of one recipient while others accept: sent, that one refused."""
+    sink.rcpt_replies = {"cc@example.com": "450 4.2.0 Greylisted"}
+
+    result = make_transport(sink).send(make_envelope(("a@example.com", "cc@example.com")))
+
+    assert result.refused == {"cc@example.com": (450, "4.2.0 Greylisted")}
+    assert [m.rcpt_tos for m in sink.messages] == [("a@example.com",)]
 
 
 def test_data_command_refusal_is_permanent(sink: SmtpSink, make_transport: MakeTransport) -> None:

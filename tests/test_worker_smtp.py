@@ -170,6 +170,40 @@ def test_one_of_three_recipients_refused_is_sent_to_the_others(
     assert attempt.refused["gone@example.com"][0] == 550
 
 
+def test_recipients_past_a_relays_limit_all_get_the_mail_bcc_included(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """A relay taking 2 recipients per transaction: to, cc and bcc all get the mail, once."""
+    enq = outbox.enqueue(
+        make_mail(
+            to=["a@example.com", "b@example.com"], cc=["c@example.com"], bcc=["d@example.com"]
+        )
+    )
+    sink.max_recipients = 2
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, sent=1)
+    first, second = sink.messages
+    assert first.rcpt_tos == ("a@example.com", "b@example.com")
+    assert second.rcpt_tos == ("c@example.com", "d@example.com")
+    assert first.data == second.data and b"d@example.com" not in first.data
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert (attempt.outcome, attempt.refused) == (Outcome.SENT, None)
+
+
+def test_failed_follow_up_transaction_is_sent_with_the_rest_refused_never_resent(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """After the first transaction delivered, a later one failing records refusals, not a retry."""
+    enq = outbox.enqueue(make_mail(to=["a@example.com", "b@example.com", "c@example.com"]))
+    sink.max_recipients = 2
+    sink.next_data_replies = [None, "451 4.3.0 Try later"]
+    assert run_tick(smtp_worker(outbox, sink)).sent == 1
+    assert outbox.get_delivery(enq.delivery_id).status is Status.SENT
+    [attempt] = outbox.list_attempts(enq.delivery_id)
+    assert attempt.refused == {"c@example.com": [451, "end of DATA: 4.3.0 Try later"]}
+    assert run_tick(smtp_worker(outbox, sink)).claimed == 0
+    assert [m.rcpt_tos for m in sink.messages] == [("a@example.com", "b@example.com")]
+
+
 @pytest.mark.parametrize("reply", ["552 5.3.4 Message too big", "554 5.7.1 Rejected as spam"])
 def test_5xx_after_data_dead_letters(outbox: Outbox, sink: SmtpSink, reply: str) -> None:
     """A 5xx to the message data is permanent."""

@@ -21,6 +21,16 @@ is not base64), and failed TLS handshakes (certificate errors included, as an
 MTA defers them) are transient, or unknown once the message was sent. What
 no retry can fix is permanent: STARTTLS required but not offered, AUTH not
 offered, SMTPUTF8 needed but not offered, an unusable envelope.
+
+A recipient refused while others are accepted is reported in
+`SendResult.refused`, except for a 452: RFC 5321 (4.5.3.1.10) has a server
+answer 452 to the recipients past its limit per transaction and the client send
+to them in a new one. So they get the same message in further transactions on
+the same session, as long as each delivers to someone; the ones never accepted
+end in `refused`. Once a transaction has delivered, nothing after it raises: a
+retry of the whole mail would reach its recipients twice, so a later
+transaction's failure puts its recipients in `refused` with that failure.
+
 Server text is cleaned of control characters, of the password (in case a
 server echoes it) and cut to `MAX_SERVER_TEXT` characters before it reaches an
 exception.
@@ -82,6 +92,7 @@ _RCPT = "RCPT TO"
 _DATA = "DATA"
 _MESSAGE = "sending the message"
 _FINAL_REPLY = "end of DATA"
+_RSET = "RSET"
 
 
 class _Secret:
@@ -330,8 +341,11 @@ class SmtpTransport:
         """Send one message; see the class docstring for the failure mapping.
 
         Returns a SendResult whose `refused` maps each recipient the server refused
-        (while accepting others) to its (code, text). Raises TransientSendError,
-        UnknownSendOutcome or PermanentSendError.
+        (while accepting others) to its (code, text). Recipients answered 452 (the
+        server's limit per transaction) get the message in new transactions; those
+        never accepted are in `refused`. Raises TransientSendError,
+        UnknownSendOutcome or PermanentSendError, and only while no recipient has
+        the message yet.
         """
         _check_envelope(envelope)
         message = _LINE_BREAK.sub(b"\r\n", envelope.message)
@@ -364,6 +378,68 @@ class SmtpTransport:
     def _transaction(
         self, session: smtplib.SMTP, envelope: Envelope, message: bytes, *, reused: bool
     ) -> SendResult:
+        refused: dict[str, tuple[int, str]] = {}
+        self._exchange(session, envelope, envelope.recipients, message, refused, reused=reused)
+        # RFC 5321 4.5.3.1.10: a 452 to RCPT while other recipients were accepted is
+        # how a server says "too many recipients"; the rest go in new transactions on
+        # the same session, the same message, for as long as each one delivers to
+        # someone. (A 452 that means a full mailbox costs one transaction that gets
+        # the same 452.) Bcc recipients are envelope addresses only, so the bytes
+        # sent are the same for them.
+        pending = [r for r, (code, _) in refused.items() if code == 452]
+        while pending:
+            log.debug(
+                "delivery %s: %d recipient(s) over the server's limit; new transaction",
+                envelope.delivery_id,
+                len(pending),
+            )
+            replies: dict[str, tuple[int, str]] = {}
+            try:
+                self._exchange(session, envelope, tuple(pending), message, replies, follow_up=True)
+            except SendError as exc:
+                # The message is with the recipients of an earlier transaction already:
+                # retrying the whole mail would send it to them twice. The recipients
+                # it did not reach are reported refused, as any partial refusal is.
+                for recipient in pending:
+                    refused[recipient] = replies.get(recipient) or _undelivered(
+                        refused[recipient], exc
+                    )
+                break
+            for recipient in pending:
+                if recipient in replies:
+                    refused[recipient] = replies[recipient]
+                else:
+                    del refused[recipient]
+            if len(replies) == len(pending):
+                break  # nobody accepted this time: no progress to build on
+            pending = [r for r, (code, _) in replies.items() if code == 452]
+        if refused:
+            log.debug(
+                "delivery %s: accepted; %d recipient(s) refused",
+                envelope.delivery_id,
+                len(refused),
+            )
+        return SendResult(refused=refused)
+
+    def _exchange(
+        self,
+        session: smtplib.SMTP,
+        envelope: Envelope,
+        recipients: tuple[str, ...],
+        message: bytes,
+        refused: dict[str, tuple[int, str]],
+        *,
+        reused: bool = False,
+        follow_up: bool = False,
+    ) -> None:
+        """One transaction (MAIL, RCPT for each of `recipients`, DATA) on `session`.
+
+        Fills `refused` with the recipients the server refused, as their replies come.
+        When it refuses them all, the first transaction of a send raises, as nothing
+        was sent; a follow-up one (`follow_up`) ends the transaction with RSET and
+        returns. Any failure drops the session and raises a SendError, or
+        `_StaleConnection` for a `reused` session found dead before anything was sent.
+        """
         stage = _MAIL
         try:
             # A previous SMTPUTF8 transaction leaves smtplib encoding commands as UTF-8.
@@ -378,8 +454,7 @@ class SmtpTransport:
                 raise self._reply_error(_MAIL, code, text)
 
             stage = _RCPT
-            refused: dict[str, tuple[int, str]] = {}
-            for recipient in envelope.recipients:
+            for recipient in recipients:
                 code, text = session.rcpt(recipient)
                 if code in (250, 251):
                     continue
@@ -390,8 +465,14 @@ class SmtpTransport:
                 if code == 421 or not 400 <= code < 600:
                     raise self._reply_error(_RCPT, code, text)
                 refused[recipient] = (code, self._clean(text))
-            if len(refused) == len(envelope.recipients):
-                raise _all_refused(refused)
+            if len(refused) == len(recipients):
+                if not follow_up:
+                    raise _all_refused(refused)
+                stage = _RSET
+                code, text = session.rset()
+                if code != 250:
+                    raise self._reply_error(_RSET, code, text)
+                return
 
             stage = _DATA
             code, text = session.docmd("DATA")
@@ -428,13 +509,6 @@ class SmtpTransport:
         except BaseException:
             self._discard(session)
             raise
-        if refused:
-            log.debug(
-                "delivery %s: accepted; %d recipient(s) refused",
-                envelope.delivery_id,
-                len(refused),
-            )
-        return SendResult(refused=refused)
 
     def _mail_options(self, session: smtplib.SMTP, envelope: Envelope, message: bytes) -> list[str]:
         # As smtplib.sendmail/send_message do: SIZE when offered, SMTPUTF8 (with
@@ -721,6 +795,15 @@ def _all_refused(refused: dict[str, tuple[int, str]]) -> SendError:
     if transient:
         return TransientSendError(code, message, enhanced_code=enhanced)
     return PermanentSendError(code, message, enhanced_code=enhanced)
+
+
+def _undelivered(deferred: tuple[int, str], exc: SendError) -> tuple[int, str]:
+    """What to report for a recipient deferred with `deferred` (a 452) whose follow-up
+    transaction failed with `exc`: the failure's reply, else the 452 and what happened."""
+    if exc.code is not None and 400 <= exc.code < 600:
+        return exc.code, exc.message
+    code, text = deferred
+    return code, f"{text}; then, in a new transaction: {exc.message}"
 
 
 def _enhanced_code(code: int, text: str) -> str | None:
