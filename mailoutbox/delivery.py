@@ -32,6 +32,7 @@ from .errors import (
 )
 from .logs import redact_addresses
 from .records import AttemptRecord, ClaimedDelivery, Completion
+from .render import _check_domain as check_message_id_domain
 from .render import render
 from .retry import RetryPolicy
 from .schema import Outcome, Status
@@ -448,6 +449,9 @@ class WorkerSettings:
         observer: WorkerObserver | None = None,
     ) -> None:
         check_worker_settings(batch_size, concurrency, lease, poll_interval)
+        if message_id_domain is not None:
+            # Found here, at start-up: at render time it dead-letters every mail.
+            check_message_id_domain(message_id_domain)
         self.transport = transport
         self.retry = retry or RetryPolicy()
         self.batch_size = batch_size

@@ -507,6 +507,13 @@ def test_worker_zero_poll_interval_exits_2(db_url: sa.URL) -> None:
     assert_one_line_error(result, 2, "--poll-interval")
 
 
+def test_worker_malformed_message_id_domain_exits_2(db_url: sa.URL) -> None:
+    """A domain no Message-ID may carry is a usage error, not a worker that dead-letters
+    every mail it renders."""
+    result = run(*db(db_url, "worker", "--smtp-host", "h", "--message-id-domain", "a..b"))
+    assert_one_line_error(result, 2, "Message-ID domain")
+
+
 def test_worker_smtp_settings_come_from_the_environment(empty_db_url: sa.URL) -> None:
     """MAILOUTBOX_SMTP_* fill the SMTP flags (here: an invalid security value is caught)."""
     env = {"MAILOUTBOX_SMTP_HOST": "relay.example", "MAILOUTBOX_SMTP_SECURITY": "ssl"}

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import collections
 import email.parser
 import email.policy
 import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 
 from mailoutbox import (
+    InvalidMail,
     Outbox,
     Outcome,
     PermanentSendError,
@@ -527,6 +530,21 @@ def test_worker_rejects_nonsense_settings(outbox: Outbox) -> None:
     for kwargs in ({"batch_size": 0}, {"concurrency": 0}, {"lease": timedelta(0)}):
         with pytest.raises(ValueError):
             worker(outbox, MemoryTransport(), **kwargs)
+
+
+def test_a_malformed_message_id_domain_is_refused_before_anything_is_claimed(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """Found at render time, it dead-lettered every mail the worker claimed."""
+    outbox.enqueue(make_mail())
+    for domain in ("mail.example.com.", "exa mple.com", "-example.com", ""):
+        with pytest.raises(InvalidMail, match="Message-ID domain"):
+            worker(outbox, MemoryTransport(), message_id_domain=domain)
+    assert row_counts(engine)["mail_attempts"] == 0
+    transport = MemoryTransport()
+    report = worker(outbox, transport, message_id_domain="mail.example.com").tick()
+    assert report == TickReport(claimed=1, sent=1)
+    assert transport.sent[0].message_id.endswith("@mail.example.com>")
 
 
 def test_unavailable_server_pauses_the_worker_and_charges_no_attempt(
