@@ -50,15 +50,14 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import (
-    DeliveryNotFound,
     InvalidMail,
-    InvalidTransition,
     MailOutboxError,
     SchemaNotMigrated,
+    driver_error,
     first_line,
 )
 from .logs import format_duration
-from .outbox import Outbox
+from .outbox import MAX_OFFSET, MAX_PURGE_AGE, MAX_PURGE_BATCH, Outbox
 from .records import Attempt, DeadLetter, Delivery
 from .schema import DEFAULT_SCHEMA, VERSION_TABLE, Status, validate_schema_name
 
@@ -90,12 +89,29 @@ class DatabaseUnavailable(click.ClickException):
     exit_code = EXIT_DATABASE
 
 
+def _unreachable(exc: Exception) -> bool:
+    """Whether `exc` says the database cannot be reached (exit 3), rather than that one
+    statement failed on it: a statement timeout, a lock timeout or a deadlock is an
+    OperationalError too, but the database answered (exit 1)."""
+    if isinstance(exc, sa.exc.InterfaceError):
+        return True
+    if not isinstance(exc, sa.exc.OperationalError):
+        return False
+    sqlstate = getattr(driver_error(exc), "sqlstate", None)
+    # No SQLSTATE: the connection failed before the server said anything.
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _SERVER_GOING_AWAY
+
+
+# admin_shutdown, crash_shutdown, cannot_connect_now
+_SERVER_GOING_AWAY = ("57P01", "57P02", "57P03")
+
+
 def _translate(exc: Exception, state: _State) -> click.ClickException | None:
     """The ClickException an expected failure becomes; None for a real bug."""
     where = f" ({state.url_text})" if state.url_text else ""
     if isinstance(exc, SchemaNotMigrated):
         return DatabaseUnavailable(str(exc))
-    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+    if _unreachable(exc):
         return DatabaseUnavailable(f"cannot reach the database{where}: {first_line(exc)}")
     if isinstance(exc, InvalidMail) and exc.field == "schema":
         return click.UsageError(str(exc))
@@ -286,7 +302,11 @@ def paging_options(f: F) -> F:
         help="Rows per page.",
     )(f)
     f = click.option(
-        "--offset", type=click.IntRange(0), default=0, show_default=True, help="Rows to skip."
+        "--offset",
+        type=click.IntRange(0, MAX_OFFSET),
+        default=0,
+        show_default=True,
+        help="Rows to skip.",
     )(f)
     return f
 
@@ -633,18 +653,32 @@ def dead_letters(
     out.print(f"showing {shown} of {page.total}")
 
 
-def _each(action: Callable[[str], Delivery], ids: Sequence[str], verb: str, as_json: bool) -> None:
-    """Apply `action` to every id; report each; exit 1 if any failed."""
+def _each(
+    ctx: click.Context,
+    action: Callable[[str], Delivery],
+    ids: Sequence[str],
+    verb: str,
+    as_json: bool,
+) -> None:
+    """Apply `action` to every id and report each, whatever happens to the others.
+
+    Exits with the worst code met: 1 if any failed (unknown id, a transition its
+    state refuses, a statement timeout), 3 if the database could not be reached.
+    """
     results: list[dict[str, Any]] = []
-    failed = 0
+    worst = EXIT_OK
     for delivery_id in ids:
         try:
             delivery = action(delivery_id)
-        except (DeliveryNotFound, InvalidTransition) as exc:
-            failed += 1
-            results.append({"delivery_id": delivery_id, "ok": False, "error": str(exc)})
+        except Exception as exc:
+            failure = _translate(exc, ctx.find_object(_State) or _State())
+            if failure is None or isinstance(failure, click.UsageError):
+                raise
+            worst = max(worst, failure.exit_code)
+            message = failure.format_message()
+            results.append({"delivery_id": delivery_id, "ok": False, "error": message})
             if not as_json:
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {message}", err=True)
             continue
         results.append(
             {"delivery_id": str(delivery.delivery_id), "ok": True, "status": delivery.status.value}
@@ -653,8 +687,8 @@ def _each(action: Callable[[str], Delivery], ids: Sequence[str], verb: str, as_j
             click.echo(f"{verb} {delivery.delivery_id}: now {delivery.status.value}")
     if as_json:
         print_json(results)
-    if failed:
-        raise click.exceptions.Exit(EXIT_FAILED)
+    if worst != EXIT_OK:
+        raise click.exceptions.Exit(worst)
 
 
 @cli.command()
@@ -671,7 +705,7 @@ def resend(
 ) -> None:
     """Send deliveries again: a fresh cycle of attempts, due now (not for sent ones)."""
     outbox = open_outbox(ctx, database_url, schema, poolclass=sa.pool.NullPool)
-    _each(outbox.resend, delivery_ids, "resent", as_json)
+    _each(ctx, outbox.resend, delivery_ids, "resent", as_json)
 
 
 @cli.command()
@@ -688,7 +722,7 @@ def cancel(
 ) -> None:
     """Cancel pending or retrying deliveries; they will not be sent."""
     outbox = open_outbox(ctx, database_url, schema, poolclass=sa.pool.NullPool)
-    _each(outbox.cancel, delivery_ids, "cancelled", as_json)
+    _each(ctx, outbox.cancel, delivery_ids, "cancelled", as_json)
 
 
 @cli.command()
@@ -701,7 +735,7 @@ def cancel(
 )
 @click.option(
     "--batch-size",
-    type=click.IntRange(1, 100_000),
+    type=click.IntRange(1, MAX_PURGE_BATCH),
     default=1000,
     show_default=True,
     help="Deliveries deleted per transaction.",
@@ -717,6 +751,10 @@ def purge(
     as_json: bool,
 ) -> None:
     """Delete finished deliveries (sent, dead-lettered, cancelled) older than --older-than."""
+    if older_than > MAX_PURGE_AGE:
+        raise click.BadParameter(
+            f"at most {MAX_PURGE_AGE.days} days (nothing is older)", param_hint="--older-than"
+        )
     outbox = open_outbox(ctx, database_url, schema, poolclass=sa.pool.NullPool)
     purged = outbox.purge(older_than, batch_size=batch_size)
     if as_json:

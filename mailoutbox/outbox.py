@@ -48,18 +48,32 @@ def connection_of(connection: Any) -> sa.Connection:
     raise TypeError(f"expected a sqlalchemy Connection or Session, got {type(connection).__name__}")
 
 
+# PostgreSQL's OFFSET is a bigint; beyond it the database, not us, would refuse.
+MAX_OFFSET = 2**63 - 1
+MAX_PURGE_BATCH = 100_000
+# Older than anything the outbox can hold; a longer interval overflows the database's
+# timestamp arithmetic.
+MAX_PURGE_AGE = timedelta(days=100 * 365)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_page(offset: int, limit: int) -> None:
-    if not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative integer, got {offset!r}")
-    if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+    if not _is_int(offset) or not 0 <= offset <= MAX_OFFSET:
+        raise ValueError(f"offset must be an integer from 0 to {MAX_OFFSET}, got {offset!r}")
+    if not _is_int(limit) or not 1 <= limit <= MAX_PAGE:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit!r}")
 
 
 def check_purge(older_than: timedelta, batch_size: int) -> None:
-    if older_than < timedelta(0):
-        raise ValueError("older_than must not be negative")
-    if batch_size < 1:
-        raise ValueError("batch_size must be positive")
+    if not isinstance(older_than, timedelta):
+        raise TypeError(f"older_than must be a timedelta, got {type(older_than).__name__}")
+    if not timedelta(0) <= older_than <= MAX_PURGE_AGE:
+        raise ValueError(f"older_than must be from 0 to {MAX_PURGE_AGE.days} days")
+    if not _is_int(batch_size) or not 1 <= batch_size <= MAX_PURGE_BATCH:
+        raise ValueError(f"batch_size must be between 1 and {MAX_PURGE_BATCH}, got {batch_size!r}")
 
 
 @contextlib.contextmanager

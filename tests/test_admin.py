@@ -88,9 +88,38 @@ def test_list_deliveries_filters_by_status_and_template(engine: sa.Engine, outbo
 
 def test_list_deliveries_rejects_bad_paging(outbox: Outbox) -> None:
     """Negative offsets, zero or huge limits and unknown statuses are ValueErrors."""
-    for kwargs in ({"offset": -1}, {"limit": 0}, {"limit": 100_000}, {"status": "lost"}):
+    for kwargs in (
+        {"offset": -1},
+        {"offset": 2**63},
+        {"offset": True},
+        {"limit": 0},
+        {"limit": 100_000},
+        {"limit": True},
+        {"status": "lost"},
+    ):
         with pytest.raises(ValueError):
             outbox.list_deliveries(**kwargs)
+        if "status" not in kwargs:
+            with pytest.raises(ValueError):
+                outbox.list_dead_letters(**kwargs)
+
+
+def test_purge_rejects_ages_and_batches_the_database_cannot_take(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """A typed error up front, nothing deleted; not a DataError from the database."""
+    finish(engine, outbox, Status.SENT, Outcome.SENT)
+    for older_than, batch_size in (
+        (timedelta(days=-1), 10),
+        (timedelta(days=365 * 10_000), 10),
+        (timedelta(days=999_999_999), 10),
+        (timedelta(0), 0),
+        (timedelta(0), 10**19),
+        (timedelta(0), True),
+    ):
+        with pytest.raises(ValueError):
+            outbox.purge(older_than, batch_size=batch_size)
+    assert row_counts(engine)["mail_deliveries"] == 1
 
 
 def test_count_by_status_includes_every_state(engine: sa.Engine, outbox: Outbox) -> None:

@@ -408,6 +408,37 @@ def test_resend_of_a_sent_delivery_exits_1_and_goes_on(db_url: sa.URL, outbox: O
     ]
 
 
+def test_a_statement_that_times_out_fails_its_id_alone_and_the_report_is_whole(
+    db_url: sa.URL, outbox: Outbox
+) -> None:
+    """One id whose row another transaction holds (statement timeout) is reported failed,
+    exit 1: the database answered, so not 'cannot reach the database' (exit 3). The ids
+    after it are still resent, and --json reports every id, those already changed too."""
+    a, b, c = (e.delivery_id for e in outbox.enqueue_many([make_mail() for _ in range(3)]))
+    url = db_url.update_query_dict({"options": "-c statement_timeout=300"})
+    with outbox.engine.connect() as holder:
+        holder.execute(
+            sa.text(f"SELECT 1 FROM {SCHEMA}.mail_deliveries WHERE delivery_id = :id FOR UPDATE"),
+            {"id": b},
+        )
+        result = run("resend", "--json", str(a), str(b), str(c), "--database-url", url_text(url))
+        holder.rollback()
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert [r["delivery_id"] for r in report] == [str(a), str(b), str(c)]
+    assert [r["ok"] for r in report] == [True, False, True]
+    assert "statement timeout" in report[1]["error"]
+
+
+def test_paging_and_purge_bounds_are_usage_errors(db_url: sa.URL) -> None:
+    """Numbers past what the database can take are refused as usage (exit 2), not
+    passed on to fail there as 'bigint out of range' (exit 1)."""
+    result = run(*db(db_url, "deliveries", "list", "--offset", str(2**63)))
+    assert_one_line_error(result, 2, "--offset")
+    result = run(*db(db_url, "purge", "--older-than", "520000w"))
+    assert_one_line_error(result, 2, "--older-than", "36500 days")
+
+
 def test_resend_unknown_id_exits_1(db_url: sa.URL) -> None:
     """resend of an id that names no delivery gives exit 1 and one line."""
     result = run(*db(db_url, "resend", "4b0c0b38-1111-4111-8111-111111111111"))
