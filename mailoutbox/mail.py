@@ -15,9 +15,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.charset import Charset
+from email.errors import MessageError, ObsoleteHeaderDefect
+from email.header import Header
 from email.headerregistry import BaseHeader
 from email.message import EmailMessage, Message
 from email.utils import formataddr, getaddresses, parseaddr
+from typing import Any
 
 from .errors import InvalidMail
 from .records import Payload, Recipient
@@ -215,19 +218,89 @@ def _check_when(value: object, field_name: str) -> datetime | None:
         raise InvalidMail(f"{field_name} is out of range: {exc}", field=field_name) from exc
 
 
-# RFC 5322 folding as a compat32 message hands it out: a line break before whitespace.
-_FOLDING = re.compile(r"\r?\n(?=[ \t])")
+# RFC 5322 folding as a parsed message holds it: a line break before whitespace. The
+# whitespace is read as one space: a tab there is layout, and Mail refuses tabs in a subject.
+_FOLDING = re.compile(r"\r?\n[ \t]")
+# _HEADER_FORBIDDEN but for tabs: a caller's message may hold them inside a header value.
+_SOURCE_HEADER_FORBIDDEN = re.compile(
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u0085\ud800-\udfff]"
+)
+# The Mail field each header of a caller's message fills.
+_MESSAGE_FIELDS = {
+    "from": "sender",
+    "to": "to",
+    "cc": "cc",
+    "bcc": "bcc",
+    "reply-to": "reply_to",
+    "subject": "subject",
+}
+# Parses address lists to the standard of Mail's own normalisation and reports what it had
+# to skip or guess as defects, where email.utils.getaddresses silently rewrites.
+_HEADER_FACTORY: Any = email.policy.default.header_factory
 
 
-def _source_header(value: object) -> tuple[str, bool]:
-    """A header value of a caller's message as one line, and whether it is still RFC 2047-encoded.
+def _source_header(value: object, field_name: str) -> tuple[str, bool]:
+    """A header value of a caller's message as one line of text, and whether it may still
+    hold RFC 2047 encoded-words.
 
-    policy.default messages give decoded header objects; compat32 ones (the
-    default of email.message_from_bytes) give the raw, possibly folded, source.
+    Header objects (policy.default's, email.header.Header) give their decoded text.
+    Anything else is the source as parsed: possibly folded, and with raw UTF-8 (RFC 6532)
+    held as surrogate escapes, which compat32's get() would turn into U+FFFD. Bytes that
+    are not UTF-8 are InvalidMail.
     """
-    if isinstance(value, BaseHeader):
+    if isinstance(value, (BaseHeader, Header)):
         return str(value), False
-    return _FOLDING.sub("", str(value)), True
+    text = _FOLDING.sub(" ", str(value))
+    if not text.isascii():
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8")
+        except UnicodeError:
+            raise InvalidMail(
+                f"{field_name} holds bytes that are not UTF-8", field=field_name
+            ) from None
+    return text, True
+
+
+def _raw_values(message: Message, name: str) -> list[Any]:
+    # raw_items(), not get_all(): the values as parsed, before a policy decodes them.
+    key = name.lower()
+    return [v for k, v in message.raw_items() if isinstance(k, str) and k.lower() == key]
+
+
+def _message_addresses(message: Message, name: str) -> list[str]:
+    """The mailboxes of header `name` of a caller's message, stored as Mail stores them.
+
+    Raises InvalidMail where the header is not a clean address list (a space in a
+    domain, a missing comma, trailing text), rather than keep what a lenient parser
+    makes of it.
+    """
+    field_name = _MESSAGE_FIELDS[name.lower()]
+    out: list[str] = []
+    for value in _raw_values(message, name):
+        text, _ = _source_header(value, field_name)
+        if _SOURCE_HEADER_FORBIDDEN.search(text):
+            raise InvalidMail(f"{name} contains a control character", field=field_name)
+        if not text.strip():
+            continue
+        try:
+            parsed = value if hasattr(value, "addresses") else _HEADER_FACTORY(name, text)
+            defects = [d for d in parsed.defects if not isinstance(d, ObsoleteHeaderDefect)]
+            mailboxes = list(parsed.addresses)
+        except (RecursionError, MessageError, LookupError, ValueError):
+            # RecursionError: deeply nested comments; see _normalize_address.
+            raise InvalidMail(f"{name} is malformed", field=field_name) from None
+        if defects:
+            raise InvalidMail(
+                f"{name}: malformed address list {text!r} ({defects[0]})", field=field_name
+            )
+        for mailbox in mailboxes:
+            if _HEADER_FORBIDDEN.search(mailbox.display_name):
+                raise InvalidMail(
+                    f"{name} display name contains a control character", field=field_name
+                )
+            addr = validate_addr_spec(mailbox.addr_spec, field_name)
+            out.append(stored_address(mailbox.display_name, addr))
+    return out
 
 
 @dataclass(frozen=True)
@@ -277,38 +350,29 @@ class Mail:
 
         From/To/Cc/Bcc/Subject/Reply-To are read from the message's headers and
         stored like any Mail's; the outbox writes Message-ID and Date itself at
-        send time. Bcc is used for the envelope only.
+        send time. Bcc is used for the envelope only. A message parsed with the
+        default compat32 policy works too: folded headers are unfolded and raw
+        UTF-8 header text (RFC 6532) is read as UTF-8.
+
+        Raises InvalidMail for an address header that is not a clean address
+        list, or header bytes that are not UTF-8.
         """
         if not isinstance(message, Message):
             raise InvalidMail("from_message needs an email.message.Message", field="message")
 
-        def addresses(name: str) -> list[str]:
-            values = [_source_header(v) for v in message.get_all(name, [])]
-            if any(_HEADER_FORBIDDEN.search(v) for v, _ in values):
-                raise InvalidMail(f"{name} contains a control character", field=name.lower())
-            try:
-                return [
-                    stored_address(decode_encoded_words(display) if encoded else display, addr)
-                    for value, encoded in values
-                    for display, addr in getaddresses([value])
-                    if addr
-                ]
-            except RecursionError:  # deeply nested comments; see _normalize_address
-                raise InvalidMail(f"{name} is malformed", field=name.lower()) from None
-
-        senders = addresses("From")
-        subject_value = message.get("Subject")
+        senders = _message_addresses(message, "From")
+        subject_values = _raw_values(message, "Subject")
         subject: str | None = None
-        if subject_value is not None:
-            text, encoded = _source_header(subject_value)
+        if subject_values:
+            text, encoded = _source_header(subject_values[0], "subject")
             subject = decode_encoded_words(text) if encoded else text
         return cls(
             template_id=template_id,
             idempotency_key=idempotency_key,
-            to=addresses("To"),
-            cc=addresses("Cc"),
-            bcc=addresses("Bcc"),
-            reply_to=addresses("Reply-To"),
+            to=_message_addresses(message, "To"),
+            cc=_message_addresses(message, "Cc"),
+            bcc=_message_addresses(message, "Bcc"),
+            reply_to=_message_addresses(message, "Reply-To"),
             sender=senders[0] if senders else None,
             subject=subject,
             send_at=send_at,

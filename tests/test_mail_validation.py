@@ -531,3 +531,79 @@ def test_deeply_nested_comments_in_an_address_are_invalid_mail() -> None:
     assert (
         rejected(Mail(template_id="t", idempotency_key="k", cc=[hostile], text="x")).field == "cc"
     )
+
+
+def from_raw(raw: bytes, policy: email.policy.Policy = email.policy.compat32) -> Mail:
+    return Mail.from_message(
+        email.message_from_bytes(raw, policy=policy),
+        template_id="t",
+        idempotency_key="k",
+    )
+
+
+PARSE_POLICIES = [
+    pytest.param(email.policy.compat32, id="compat32"),
+    pytest.param(email.policy.default, id="default"),
+]
+
+
+@pytest.mark.parametrize("policy", PARSE_POLICIES)
+def test_from_message_reads_raw_utf8_headers(policy: email.policy.Policy) -> None:
+    """Raw UTF-8 in From/To/Cc/Subject (RFC 6532) is read as the text it spells."""
+    raw = (
+        "From: Jörg <joerg@example.com>\r\nTo: Zoë <zoe@example.com>\r\n"
+        "Cc: Ünal <uenal@example.com>\r\nSubject: Grüße\r\n\r\nhi\r\n"
+    ).encode()
+    prepared = ok(from_raw(raw, policy))
+    assert prepared.payload.subject == "Grüße"
+    assert prepared.payload.sender == "Jörg <joerg@example.com>"
+    assert [r.address for r in prepared.recipients] == [
+        "Zoë <zoe@example.com>",
+        "Ünal <uenal@example.com>",
+    ]
+
+
+@pytest.mark.parametrize("policy", PARSE_POLICIES)
+@pytest.mark.parametrize(
+    ("header", "field"),
+    [
+        pytest.param("Subject: Gr\xfc\xdfe", "subject", id="subject"),
+        pytest.param("To: J\xf6rg <joerg@example.com>", "to", id="to"),
+    ],
+)
+def test_from_message_header_bytes_that_are_not_utf8_are_rejected(
+    policy: email.policy.Policy, header: str, field: str
+) -> None:
+    """Header bytes that are not UTF-8 (here Latin-1) are InvalidMail, not U+FFFD."""
+    raw = b"To: a@example.com\r\n" + header.encode("latin-1") + b"\r\n\r\nhi\r\n"
+    with pytest.raises(InvalidMail) as info:
+        ok(from_raw(raw, policy))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("policy", PARSE_POLICIES)
+@pytest.mark.parametrize(
+    ("header", "field"),
+    [
+        pytest.param("To: alice@example.com, bob@exam ple.com", "to", id="space-in-domain"),
+        pytest.param("Cc: carol@example.com dave@example.com", "cc", id="missing-comma"),
+        pytest.param("Cc: Carol <carol@example.com> junk", "cc", id="trailing-text"),
+        pytest.param("Bcc: a@b@example.com", "bcc", id="two-at-signs"),
+        pytest.param("From: Billing <billing@exam ple.com>", "sender", id="sender"),
+        pytest.param("Reply-To: help@example.com help2@example.com", "reply_to", id="reply-to"),
+    ],
+)
+def test_from_message_rejects_addresses_mail_would_reject(
+    policy: email.policy.Policy, header: str, field: str
+) -> None:
+    """An address list the parser would have to rewrite or cut short is InvalidMail."""
+    raw = f"To: first@example.com\r\n{header}\r\n\r\nhi\r\n".encode()
+    with pytest.raises(InvalidMail) as info:
+        ok(from_raw(raw, policy))
+    assert info.value.field in (field, header.partition(":")[0].lower())
+
+
+def test_from_message_accepts_a_group_and_obsolete_phrases() -> None:
+    """An empty group and an unquoted dotted display name are valid address lists."""
+    raw = b"To: undisclosed-recipients:;\r\nCc: J. Doe <j@example.com>\r\n\r\nhi\r\n"
+    assert [r.address for r in ok(from_raw(raw)).recipients] == ['"J. Doe" <j@example.com>']
