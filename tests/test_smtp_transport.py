@@ -1076,8 +1076,21 @@ def test_default_port_follows_security(security: str, port: int) -> None:
         {"username": USER},
         {"password": PASSWORD},
         {"security": "none", "ssl_context": object()},
+        # smtplib's AUTH is ASCII: found at every send, each mail was dead-lettered.
+        {"username": USER, "password": PASSWORD + "é"},
+        {"username": "usér", "password": PASSWORD},
     ],
-    ids=["security", "port", "timeout", "connect_timeout", "user-only", "password-only", "ctx"],
+    ids=[
+        "security",
+        "port",
+        "timeout",
+        "connect_timeout",
+        "user-only",
+        "password-only",
+        "ctx",
+        "non-ascii-password",
+        "non-ascii-user",
+    ],
 )
 def test_invalid_configuration_is_rejected(kwargs: dict[str, object]) -> None:
     """Bad constructor arguments raise ValueError, never echoing the password."""

@@ -277,6 +277,10 @@ class SmtpTransport:
             raise ValueError(f"port must be an int between 1 and 65535, got {port!r}")
         if (username is None) != (password is None):
             raise ValueError("username and password must be given together")
+        if not (username or "").isascii() or not (password or "").isascii():
+            # smtplib encodes the AUTH exchange as ASCII: found at every send instead,
+            # it would dead-letter each mail with a UnicodeEncodeError.
+            raise ValueError("username and password must be ASCII (smtplib's AUTH sends ASCII)")
         if not timeout > 0:
             raise ValueError(f"timeout must be positive, got {timeout!r}")
         if connect_timeout is not None and not connect_timeout > 0:
