@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import InvalidMail
 from .records import Payload, Recipient
-from .render import decode_encoded_words, seven_bit_message
+from .render import decode_encoded_words, seven_bit_message, seven_bit_parts
 from .schema import Kind
 
 DEFAULT_MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
@@ -221,6 +221,9 @@ def _check_when(value: object, field_name: str) -> datetime | None:
 # RFC 5322 folding as a parsed message holds it: a line break before whitespace. The
 # whitespace is read as one space: a tab there is layout, and Mail refuses tabs in a subject.
 _FOLDING = re.compile(r"\r?\n[ \t]")
+# A fold that leaves a line of nothing but whitespace: RFC 5322 does not allow it, and a
+# reader that trims lines could take it for the end of the header section.
+_BLANK_CONTINUATION = re.compile(r"\n[ \t]*(?:\r?\n|\Z)")
 # _HEADER_FORBIDDEN but for tabs: a caller's message may hold them inside a header value.
 _SOURCE_HEADER_FORBIDDEN = re.compile(
     "[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u0085\ud800-\udfff]"
@@ -355,7 +358,9 @@ class Mail:
         UTF-8 header text (RFC 6532) is read as UTF-8.
 
         Raises InvalidMail for an address header that is not a clean address
-        list, or header bytes that are not UTF-8.
+        list, or header bytes that are not UTF-8. prepare() then raises it for
+        a header of any part whose name or unfolded value holds a line break or
+        control character, and for a message the email package cannot write.
         """
         if not isinstance(message, Message):
             raise InvalidMail("from_message needs an email.message.Message", field="message")
@@ -418,21 +423,79 @@ def _extra_headers(headers: object) -> list[tuple[str, str]]:
     return out
 
 
-def _message_body(message: EmailMessage) -> bytes:
-    stripped = copy.deepcopy(message)
-    for name in list(stripped.keys()):
-        if name.lower() in OWNED_HEADERS - {
-            "mime-version",
-            "content-type",
-            "content-transfer-encoding",
-        }:
-            del stripped[name]
-    for name, value in stripped.items():
-        if name.lower() not in OWNED_HEADERS:
-            _check_header_text(str(value), f"header {name}")
-    # Stored 7-bit clean (set_content leaves short non-ASCII text as 8bit), so render passes
-    # it through as is instead of re-encoding it on every send.
-    return seven_bit_message(stripped.as_bytes(policy=email.policy.SMTP))
+_STRIPPED_FROM_MESSAGE = OWNED_HEADERS - {
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+}
+
+
+def _check_part_headers(part: Message) -> None:
+    """Raise InvalidMail for a header of `part` that could end its line early or hide another.
+
+    Values are checked unfolded, as a reader sees them. A raw 8-bit value (or an
+    email.header.Header, which policy.SMTP cannot fold) is stored again as a
+    policy.default header object, so that it is written as RFC 2047 encoded-words.
+    """
+    items = list(part.raw_items())
+    rewritten = False
+    for i, (name, value) in enumerate(items):
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise InvalidMail(f"the message has a malformed header name {name!r}", field="message")
+        text, source = _source_header(value, "message")
+        if _SOURCE_HEADER_FORBIDDEN.search(text) or (
+            isinstance(value, str) and _BLANK_CONTINUATION.search(value)
+        ):
+            raise InvalidMail(
+                f"header {name} of the message contains a control character or line break",
+                field="message",
+            )
+        if len(text) > MAX_HEADER_VALUE_LENGTH:
+            raise InvalidMail(
+                f"header {name} of the message is longer than {MAX_HEADER_VALUE_LENGTH} characters",
+                field="message",
+            )
+        if isinstance(value, Header) or (source and not text.isascii()):
+            items[i] = (name, _HEADER_FACTORY(name, text))
+            rewritten = True
+    if rewritten:
+        for name in {n.lower() for n, _ in items}:
+            del part[name]
+        for name, value in items:
+            part.set_raw(name, value)
+
+
+def _message_body(message: Message) -> bytes:
+    """The caller's message, owned headers removed, as the 7-bit MIME bytes that are stored.
+
+    Raises InvalidMail for a header that could inject another, and for a message
+    the email package cannot write as bytes.
+    """
+    try:
+        stripped = copy.deepcopy(message)
+        for name in list(stripped.keys()):
+            if isinstance(name, str) and name.lower() in _STRIPPED_FROM_MESSAGE:
+                del stripped[name]
+        for part in stripped.walk():
+            _check_part_headers(part)
+        # Before generating: the generator rewrites line breaks inside 8-bit payloads
+        # byte by byte, which breaks UTF-16 text, and cannot write some of them at all.
+        seven_bit_parts(stripped)
+        data = stripped.as_bytes(policy=email.policy.SMTP)
+        # Stored 7-bit clean (set_content leaves short non-ASCII text as 8bit), so render
+        # passes it through as is instead of re-encoding it on every send.
+        return seven_bit_message(data)
+    except InvalidMail:
+        raise
+    except (
+        AttributeError,
+        LookupError,
+        MessageError,
+        RecursionError,
+        TypeError,
+        ValueError,
+    ) as exc:
+        raise InvalidMail(f"the message cannot be written as MIME: {exc}", field="message") from exc
 
 
 def prepare(

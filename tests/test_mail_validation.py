@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import email
 import email.policy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
+from email.mime.application import MIMEApplication
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from typing import Any
 
 import pytest
@@ -569,6 +572,7 @@ def test_from_message_reads_raw_utf8_headers(policy: email.policy.Policy) -> Non
     [
         pytest.param("Subject: Gr\xfc\xdfe", "subject", id="subject"),
         pytest.param("To: J\xf6rg <joerg@example.com>", "to", id="to"),
+        pytest.param("X-Note: \xff", "message", id="other-header"),
     ],
 )
 def test_from_message_header_bytes_that_are_not_utf8_are_rejected(
@@ -607,3 +611,97 @@ def test_from_message_accepts_a_group_and_obsolete_phrases() -> None:
     """An empty group and an unquoted dotted display name are valid address lists."""
     raw = b"To: undisclosed-recipients:;\r\nCc: J. Doe <j@example.com>\r\n\r\nhi\r\n"
     assert [r.address for r in ok(from_raw(raw)).recipients] == ['"J. Doe" <j@example.com>']
+
+
+def injected_attachment() -> Message:
+    outer = MIMEMultipart()
+    outer["To"] = "a@example.com"
+    outer.attach(MIMEText("see attachment"))
+    attachment = MIMEApplication(b"%PDF-1.7")
+    attachment.add_header("Content-Disposition", "attachment", filename="a.pdf\r\n\r\nINJECTED")
+    outer.attach(attachment)
+    return outer
+
+
+def injected_header_name() -> Message:
+    outer = EmailMessage()
+    outer["To"] = "a@example.com"
+    outer["X-A\r\nDisposition-Notification-To"] = "spy@evil.example"
+    outer.set_content("hi")
+    return outer
+
+
+def injected_part_header_name() -> Message:
+    outer = MIMEMultipart()
+    outer["To"] = "a@example.com"
+    part = MIMEText("hi")
+    part["X-B\nBcc"] = "spy@evil.example"
+    outer.attach(part)
+    return outer
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(injected_attachment, id="part-header-value"),
+        pytest.param(injected_header_name, id="header-name"),
+        pytest.param(injected_part_header_name, id="part-header-name"),
+    ],
+)
+def test_from_message_line_break_in_any_part_header_is_rejected(
+    build: Callable[[], Message],
+) -> None:
+    """CR/LF in the name or value of any part's header is InvalidMail, not an injected header."""
+    mail = Mail.from_message(build(), template_id="t", idempotency_key="k")
+    with pytest.raises(InvalidMail) as info:
+        ok(mail)
+    assert info.value.field == "message"
+
+
+@pytest.mark.parametrize("fold", ["\r\n ", "\r\n\t", "\n "])
+def test_from_message_accepts_folded_headers(fold: str) -> None:
+    """A compat32 message's folded headers (owned or not) are read unfolded, not refused."""
+    raw = (
+        f"To: a@example.com,{fold}b@example.com\r\n"
+        f"Subject: a subject{fold}folded\r\n"
+        f"List-Unsubscribe: <https://example.com/u/1>,{fold}<mailto:u@example.com>\r\n"
+        "\r\nhi\r\n"
+    ).encode()
+    prepared = ok(from_raw(raw))
+    assert [r.address for r in prepared.recipients] == ["a@example.com", "b@example.com"]
+    assert prepared.payload.subject == "a subject folded"
+    stored = email.message_from_bytes(prepared.payload.body, policy=email.policy.default)
+    assert stored["List-Unsubscribe"].split() == [
+        "<https://example.com/u/1>,",
+        "<mailto:u@example.com>",
+    ]
+
+
+def multipart_without_boundary() -> Message:
+    return email.message_from_bytes(
+        "To: a@example.com\r\nContent-Type: multipart/mixed\r\n\r\nGrüße\r\n".encode()
+    )
+
+
+def non_ascii_str_payload() -> Message:
+    msg = Message()
+    msg["To"] = "a@example.com"
+    msg.set_payload("Grüße")
+    return msg
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        pytest.param(multipart_without_boundary, id="multipart-without-boundary"),
+        pytest.param(non_ascii_str_payload, id="non-ascii-str-payload"),
+    ],
+)
+def test_from_message_that_cannot_be_serialised_is_invalid_mail(
+    build: Callable[[], Message],
+) -> None:
+    """A message the email package cannot write as bytes is InvalidMail, not UnicodeEncodeError."""
+    mail = Mail.from_message(build(), template_id="t", idempotency_key="k")
+    with pytest.raises(InvalidMail) as info:
+        ok(mail)
+    assert info.value.field == "message"

@@ -563,6 +563,37 @@ def test_from_message_keeps_a_nested_structure() -> None:
     ]
 
 
+def render_raw(raw: bytes) -> bytes:
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return render_message(message).message
+
+
+def test_from_message_raw_utf8_header_is_sent_encoded() -> None:
+    """A raw UTF-8 header of a compat32 message reads back as the same text."""
+    msg = email.message_from_bytes(
+        "To: a@example.com\r\nX-Note: Grüße aus Köln\r\n\r\nhi\r\n".encode()
+    )
+    data = render_message(msg).message  # type: ignore[arg-type]
+    assert_wire_format(data)
+    assert parse(data)["X-Note"] == "Grüße aus Köln"
+    # Readers that know no "unknown-8bit" charset would show mojibake.
+    assert b"?utf-8?" in data.lower() and b"unknown-8bit" not in data
+
+
+@pytest.mark.parametrize("fold", ["\r\n ", "\r\n\t"])
+def test_from_message_folded_header_reads_back_unfolded(fold: str) -> None:
+    """A folded header of a compat32 message goes out and reads back as its unfolded value."""
+    msg = email.message_from_bytes(
+        f"To: a@example.com\r\nList-Unsubscribe: <https://example.com/u/1>,{fold}"
+        "<mailto:u@example.com>\r\n\r\nhi\r\n".encode()
+    )
+    data = render_message(msg).message  # type: ignore[arg-type]
+    assert_wire_format(data)
+    value = parse(data)["List-Unsubscribe"]
+    assert value.split() == ["<https://example.com/u/1>,", "<mailto:u@example.com>"]
+
+
 PREAMBLE_AND_EPILOGUE = (
     b"To: a@example.com\r\nMIME-Version: 1.0\r\n"
     b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n"
@@ -573,6 +604,13 @@ PREAMBLE_AND_EPILOGUE = (
 )
 
 
+def test_from_message_8bit_or_long_preamble_and_epilogue_are_dropped() -> None:
+    """A non-ASCII preamble and an over-long epilogue do not break the 7-bit, 998-octet promise."""
+    data = render_raw(PREAMBLE_AND_EPILOGUE)
+    assert_wire_format(data)
+    assert text_of(parse(data)) == "hi"
+
+
 def test_stored_body_with_8bit_preamble_is_made_clean() -> None:
     """seven_bit_message cleans a stored body whose only flaw is its preamble or epilogue."""
     body = PREAMBLE_AND_EPILOGUE.partition(b"\r\n")[2]
@@ -580,6 +618,18 @@ def test_stored_body_with_8bit_preamble_is_made_clean() -> None:
 
 
 UTF16_TEXT = "Hello\r\nthere é\r\n"
+
+
+def test_from_message_utf16_text_part_reads_back_intact() -> None:
+    """A text part in UTF-16 keeps its bytes: line endings are not rewritten inside them."""
+    raw = (
+        b"To: a@example.com\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-16\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+        + UTF16_TEXT.encode("utf-16")
+    )
+    data = render_raw(raw)
+    assert_wire_format(data)
+    assert text_of(parse(data)) == UTF16_TEXT
 
 
 def test_stored_utf16_text_part_reads_back_intact() -> None:
