@@ -198,6 +198,14 @@ def _notify_after_commit() -> sa.CTE:
 
 
 @functools.lru_cache(maxsize=32)
+def _cycle_start(send_at: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """When a new delivery's retry age (RetryPolicy.max_age) starts: its send_at, or now
+    if that is earlier or unset. A send_at already past (computed late: "remind three
+    days before") would otherwise have spent the retry budget before the first try,
+    and the first greylisting 451 would dead-letter the mail."""
+    return sa.func.greatest(send_at, _NOW)
+
+
 def insert_enqueue(t: Tables, notify_after_commit: bool = False) -> sa.Select[Any]:
     """Insert a batch of mails (payload, delivery, recipients) in one statement.
 
@@ -238,7 +246,7 @@ def insert_enqueue(t: Tables, notify_after_commit: bool = False) -> sa.Select[An
                 # payloads' primary key is appended to rather than written at random.
                 mails.c.delivery_id,
                 mails.c.expires_at,
-                sa.func.coalesce(mails.c.send_at, _NOW),
+                _cycle_start(mails.c.send_at),
             )
             # A canonical order: two batches sharing keys lock their unique-index entries
             # in the same order and cannot deadlock. Among repeats of one key in a batch,
@@ -321,7 +329,7 @@ def insert_enqueue_one(t: Tables, notify_after_commit: bool = False) -> sa.Inser
             next_attempt_at=sa.func.coalesce(v["send_at"], _NOW),
             payload_id=v["delivery_id"],  # as in insert_enqueue
             expires_at=v["expires_at"],
-            cycle_started_at=sa.func.coalesce(v["send_at"], _NOW),
+            cycle_started_at=_cycle_start(v["send_at"]),
         )
         .on_conflict_do_nothing(index_elements=["template_id", "idempotency_key"])
         .returning(d.c.delivery_id, d.c.payload_id)

@@ -266,6 +266,20 @@ def test_future_send_at_is_not_sent_before_its_time(outbox: Outbox) -> None:
     assert transport.sent == []
 
 
+def test_a_send_at_already_past_keeps_the_whole_retry_budget(outbox: Outbox) -> None:
+    """A send_at computed late ("remind three days before", worked out a day before)
+    lies in the past. Its retry age starts at the enqueue, not at send_at: the first
+    greylisting 451 is retried instead of dead-lettering the mail as 'max age exceeded'
+    (the default max age is two days). Both enqueue paths."""
+    past = datetime.now(timezone.utc) - timedelta(days=3)
+    one = outbox.enqueue(make_mail(send_at=past)).delivery_id
+    [many] = [r.delivery_id for r in outbox.enqueue_many([make_mail(send_at=past)])]
+    deferring = failing(TransientSendError(451, "4.7.1 greylisted, try again later"))
+    report = worker(outbox, deferring, retry=RetryPolicy()).tick()
+    assert report == TickReport(claimed=2, retried=2)
+    assert {outbox.get_delivery(i).status for i in (one, many)} == {Status.RETRYING}
+
+
 def test_expired_mail_is_dead_lettered_not_sent(engine: sa.Engine, outbox: Outbox) -> None:
     """A delivery past expires_at is dead-lettered with reason 'expired' and never sent."""
     enq = outbox.enqueue(make_mail(expires_at=datetime.now(timezone.utc) + timedelta(hours=1)))
