@@ -380,7 +380,8 @@ def insert_enqueue(
     """Insert `mails`; answer (delivery_id, created) per mail, in input order.
 
     One statement for the whole batch, plus one lookup only when some mails
-    were duplicates of existing (or earlier) deliveries. A single mail takes
+    were duplicates of existing (or earlier) deliveries. A duplicate whose
+    delivery a concurrent purge deleted between the two is inserted again. A single mail takes
     insert_enqueue_one, which is cheaper to encode. `notify_after_commit`: the
     enqueue trigger stays quiet and the caller notifies once committed (notify.py).
     """
@@ -394,10 +395,18 @@ def insert_enqueue(
     created = set((yield Query(statement, batch.params, "scalars", arrays=True)))
     missing = [m for m, i in zip(mails, batch.delivery_ids, strict=True) if i not in created]
     existing = (yield from existing_ids(t, missing)) if missing else {}
+    answers = {key: (delivery_id, False) for key, delivery_id in existing.items()}
+    vanished = [m for m in missing if (m.template_id, m.idempotency_key) not in existing]
+    if vanished:
+        again = yield from insert_enqueue(t, vanished, notify_after_commit=notify_after_commit)
+        answers.update(
+            ((m.template_id, m.idempotency_key), answer)
+            for m, answer in zip(vanished, again, strict=True)
+        )
     return [
         (proposed, True)
         if proposed in created
-        else (existing[(mail.template_id, mail.idempotency_key)], False)
+        else answers[(mail.template_id, mail.idempotency_key)]
         for mail, proposed in zip(mails, batch.delivery_ids, strict=True)
     ]
 
@@ -417,7 +426,11 @@ def insert_enqueue_one(
     if (yield Query(statement, params, "rowcount", arrays=True)):
         return proposed, True
     existing = yield from existing_ids(t, [mail])
-    delivery_id = existing[(mail.template_id, mail.idempotency_key)]
+    delivery_id = existing.get((mail.template_id, mail.idempotency_key))
+    if delivery_id is None:
+        # The delivery the insert collided with was purged (finished and old) before
+        # the lookup: the key is free again, so this mail is new after all.
+        return (yield from insert_enqueue_one(t, mail, notify_after_commit=notify_after_commit))
     return delivery_id, delivery_id == proposed
 
 

@@ -341,3 +341,36 @@ def test_non_ascii_display_names_are_stored_readable(outbox: Outbox) -> None:
     result = outbox.enqueue(make_mail(to=["Zoë Müller <zoe@example.com>"]))
     [recipient] = outbox.list_recipients(result.delivery_id)
     assert recipient.address == "Zoë Müller <zoe@example.com>"
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["enqueue", "enqueue_many"])
+def test_a_duplicate_whose_delivery_is_purged_mid_enqueue_is_enqueued_anew(
+    engine: sa.Engine, sync_outbox: Outbox, batch: bool
+) -> None:
+    """The insert meets an old, finished delivery with the same key; a purge in another
+    session deletes it before the enqueue looks its id up. The key is free again: the
+    mail is enqueued anew (it was a bare KeyError)."""
+    first = sync_outbox.enqueue(make_mail(idempotency_key="K")).delivery_id
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE mailoutbox.mail_deliveries SET status = 'sent', sent_at = now(),"
+                " updated_at = now() - interval '40 days'"
+            )
+        )
+    purged: list[int] = []
+
+    def purge_between(conn: sa.Connection, cursor: Any, statement: str, *args: Any) -> None:
+        if "ON CONFLICT" in statement and not purged:
+            purged.append(sync_outbox.purge(timedelta(days=30)))
+
+    mails = [make_mail(idempotency_key="K")] + ([make_mail()] if batch else [])
+    with engine.connect() as conn:
+        sa.event.listen(conn, "after_cursor_execute", purge_between)
+        with conn.begin():
+            results = sync_outbox.enqueue_many(mails, connection=conn)
+    assert purged == [1]
+    assert all(r.created for r in results)
+    assert results[0].delivery_id != first
+    assert sync_outbox.get_delivery(results[0].delivery_id).status is Status.PENDING
+    assert sync_outbox.count_by_status()[Status.PENDING] == len(mails)
