@@ -196,9 +196,14 @@ def _check_key(value: object, field_name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidMail(f"{field_name} must be a non-empty string", field=field_name)
     _check_header_text(value, field_name)
-    if len(value) > MAX_KEY_LENGTH:
+    # Counted in UTF-8 bytes: the pair shares one unique-index entry, which PostgreSQL
+    # caps at 2,704 bytes; 1,000 characters of CJK text are 3,000 bytes and failed
+    # in the database, aborting the caller's transaction.
+    if len(value) > MAX_KEY_LENGTH or (
+        not value.isascii() and len(value.encode("utf-8")) > MAX_KEY_LENGTH
+    ):
         raise InvalidMail(
-            f"{field_name} is longer than {MAX_KEY_LENGTH} characters", field=field_name
+            f"{field_name} is longer than {MAX_KEY_LENGTH} bytes (UTF-8)", field=field_name
         )
     return value
 

@@ -374,3 +374,25 @@ def test_a_duplicate_whose_delivery_is_purged_mid_enqueue_is_enqueued_anew(
     assert results[0].delivery_id != first
     assert sync_outbox.get_delivery(results[0].delivery_id).status is Status.PENDING
     assert sync_outbox.count_by_status()[Status.PENDING] == len(mails)
+
+
+def test_a_key_too_long_in_bytes_is_refused_before_it_can_abort_the_callers_transaction(
+    engine: sa.Engine, sync_outbox: Outbox, orders: sa.Table
+) -> None:
+    """Keys are limited in UTF-8 bytes, which the database's unique index counts: 1,000
+    CJK characters (3,000 bytes) passed a limit in characters, then failed in the
+    INSERT and aborted the caller's transaction. Now InvalidMail, and the order commits."""
+    with engine.begin() as conn:
+        conn.execute(orders.insert().values(id=1))
+        with pytest.raises(InvalidMail) as info:
+            sync_outbox.enqueue(make_mail(idempotency_key="鍵" * 1000), connection=conn)
+        assert info.value.field == "idempotency_key"
+        with pytest.raises(InvalidMail):
+            sync_outbox.enqueue_many(
+                [make_mail(), make_mail(template_id="型" * 334)], connection=conn
+            )
+        fits = sync_outbox.enqueue(make_mail(idempotency_key="鍵" * 333), connection=conn)
+    assert fits.created
+    assert row_counts(engine)["mail_deliveries"] == 1
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(orders)).scalar_one() == 1
