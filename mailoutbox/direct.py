@@ -139,9 +139,14 @@ def direct(engine: sa.Engine, *, autocommit: bool = False) -> Iterator[DirectCon
 
     `autocommit`: for a plan whose writes are one statement, atomic on its own;
     it then costs one round trip instead of three (BEGIN, statement, COMMIT).
+
+    The connection goes back to the pool with the autocommit setting it was
+    lent with: an engine made with isolation_level="AUTOCOMMIT" sets it once per
+    DBAPI connection, never again.
     """
     with engine.connect() as conn:
         direct_conn = DirectConnection(conn)
+        lent_autocommit = direct_conn.driver.autocommit
         direct_conn._set_autocommit(autocommit)
         try:
             yield direct_conn
@@ -154,4 +159,4 @@ def direct(engine: sa.Engine, *, autocommit: bool = False) -> Iterator[DirectCon
         finally:
             # Back to the pool as SQLAlchemy lent it (a broken connection is dropped anyway).
             with contextlib.suppress(Exception):
-                direct_conn._set_autocommit(False)
+                direct_conn._set_autocommit(lent_autocommit)
