@@ -14,7 +14,9 @@ What SQLAlchemy did and this keeps: errors come out as SQLAlchemy exceptions
 (sa.exc.OperationalError, ProgrammingError, ...), with the driver's error as
 `.orig`; a connection lost mid-statement is invalidated, so the pool drops it,
 and so are the others the pool held at that moment (they are replaced when next
-checked out).
+checked out); a connection that a host's `checkout` event left in a transaction
+is worked on in that transaction, committed at the end; and the connection goes
+back with the autocommit setting it came with.
 What it does not keep: these statements do not pass through the engine's
 cursor events (`before_cursor_execute`), so SQL instrumentation hooked there
 does not see them. Parameters are never put into error messages (mail bodies
@@ -129,8 +131,17 @@ class DirectConnection:
         )
 
     def _set_autocommit(self, on: bool) -> None:
-        if not self._conn.invalidated:
+        if not self._conn.invalidated and self._driver.autocommit != on:
             self._driver.autocommit = on
+
+    def in_transaction(self) -> bool:
+        """Whether the connection came out of the pool already in a transaction.
+
+        A host's `checkout` event that runs SQL on the DBAPI connection (a tenant
+        for row-level security, a search_path) leaves it so; psycopg then refuses
+        to change autocommit.
+        """
+        return self._driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
 
 @contextlib.contextmanager
@@ -140,20 +151,26 @@ def direct(engine: sa.Engine, *, autocommit: bool = False) -> Iterator[DirectCon
     `autocommit`: for a plan whose writes are one statement, atomic on its own;
     it then costs one round trip instead of three (BEGIN, statement, COMMIT).
 
-    The connection goes back to the pool with the autocommit setting it was
-    lent with: an engine made with isolation_level="AUTOCOMMIT" sets it once per
-    DBAPI connection, never again.
+    A connection already in a transaction when checked out (see
+    DirectConnection.in_transaction) keeps its autocommit setting: the plans run
+    in that transaction, which is committed on leaving the block, as
+    engine.begin() would. Otherwise the connection goes back to the pool with
+    the autocommit setting it was lent with: an engine made with
+    isolation_level="AUTOCOMMIT" sets it once per DBAPI connection, never again.
     """
     with engine.connect() as conn:
         direct_conn = DirectConnection(conn)
         lent_autocommit = direct_conn.driver.autocommit
-        direct_conn._set_autocommit(autocommit)
+        joined = direct_conn.in_transaction()
+        commits = joined or not autocommit
+        if not joined:
+            direct_conn._set_autocommit(autocommit)
         try:
             yield direct_conn
-            if not autocommit:
+            if commits:
                 direct_conn.commit()
         except BaseException:
-            if not autocommit:
+            if commits:
                 direct_conn.rollback()
             raise
         finally:
