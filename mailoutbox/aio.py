@@ -477,15 +477,21 @@ class AsyncWorker(WorkerSettings):
         self._stopping.set()
 
     async def aclose(self) -> None:
-        """Release the transport's connections (aclose() if it has one, else close())."""
+        """Release the send threads, then the transport's connections.
+
+        The threads first, waiting for the sends in flight (as Worker.close): a
+        transport closed under a send (SmtpTransport's QUIT mid-DATA) would break
+        a mail the server may then half-accept. The transport's aclose() if it
+        has one, else its close().
+        """
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, wait=True)
         aclose = getattr(self.transport, "aclose", None)
         if callable(aclose):
             await aclose()
         else:
             await asyncio.to_thread(close_transport, self.transport)
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await asyncio.to_thread(pool.shutdown, wait=True)
 
 
 class _AsyncListener:
