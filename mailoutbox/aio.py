@@ -285,6 +285,8 @@ class AsyncWorker(WorkerSettings):
         self.outbox = outbox
         self.store = outbox.store
         self.engine = outbox.engine
+        # Set by stop(); run() makes a new one each time, as an Event is bound to the
+        # loop of its first wait(): one worker serves asyncio.run() after asyncio.run().
         self._stopping = asyncio.Event()
         self._async_send = inspect.iscoroutinefunction(getattr(transport, "send", None))
         self._pool: ThreadPoolExecutor | None = None
@@ -409,9 +411,11 @@ class AsyncWorker(WorkerSettings):
         """Deliver until `stop` is set (see Worker.run). Cancelling the task stops it too.
 
         With handle_signals=True (in the main thread), SIGTERM and SIGINT stop it.
+        A stop() before run() starts is not kept: each run() starts afresh, as
+        Worker.run does.
         """
         stop = stop or asyncio.Event()
-        self._stopping.clear()
+        self._stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         if handle_signals:
             for s in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,4 @@
-"""How an AsyncWorker ends: aclose() beside a send."""
+"""How an AsyncWorker ends: aclose() beside a send, a second event loop."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from mailoutbox import Outbox
+from mailoutbox import Outbox, Status
 from mailoutbox.aio import AsyncOutbox, AsyncWorker
 from mailoutbox.transports.base import Envelope
 from mailoutbox.transports.memory import MemoryTransport
@@ -70,3 +71,32 @@ def test_aclose_closes_the_transport_only_after_the_sends_in_flight(
 
     assert loop_thread.run(body()) == 1
     assert closed_mid_send == [False]
+
+
+def test_one_worker_runs_under_one_event_loop_after_another(
+    db_url: sa.URL, sync_outbox: Outbox
+) -> None:
+    """A worker built once (at import, in a fixture) serves asyncio.run() after asyncio.run()."""
+    engine = create_async_engine(db_url)
+    outbox = AsyncOutbox(engine, schema=SCHEMA, default_sender=DEFAULT_SENDER)
+    transport = MemoryTransport()
+    worker = AsyncWorker(outbox, transport, poll_interval=timedelta(seconds=0.2))
+
+    async def one_run(delivered: int) -> None:
+        await outbox.enqueue(make_mail())
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            deadline = time.monotonic() + 10
+            while len(transport.sent) < delivered and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # idle: waiting for the next notification or poll
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(one_run(1))
+    asyncio.run(one_run(2))
+    assert len(transport.sent) == 2
+    assert sync_outbox.count_by_status()[Status.SENT] == 2
