@@ -57,6 +57,8 @@ def create_app(
             yield
         finally:
             if worker_task is not None:
+                # Cancelling ends the worker as worker.stop() does: the sends in flight
+                # finish and are recorded, the deliveries not yet begun are handed back.
                 worker_task.cancel()
                 await asyncio.gather(worker_task, return_exceptions=True)
 

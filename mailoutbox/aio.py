@@ -410,9 +410,12 @@ class AsyncWorker(WorkerSettings):
     async def run(self, stop: asyncio.Event | None = None, *, handle_signals: bool = False) -> None:
         """Deliver until `stop` is set (see Worker.run). Cancelling the task stops it too.
 
-        With handle_signals=True (in the main thread), SIGTERM and SIGINT stop it.
-        A stop() before run() starts is not kept: each run() starts afresh, as
-        Worker.run does.
+        Either way it claims nothing more, finishes the sends in flight, records
+        them and hands back the deliveries it had not started; a cancellation
+        waits for that (shielded, for at most the lease) and then goes on up as
+        CancelledError. With handle_signals=True (in the main thread), SIGTERM
+        and SIGINT stop it. A stop() before run() starts is not kept: each run()
+        starts afresh, as Worker.run does.
         """
         stop = stop or asyncio.Event()
         self._stopping = asyncio.Event()
@@ -429,7 +432,7 @@ class AsyncWorker(WorkerSettings):
                         listener = await _AsyncListener.open(
                             self.engine, self.outbox.tables.notify_channel
                         )
-                    report = await self.tick()
+                    report = await self._tick_to_the_end()
                     self.loop_backoff.progressed()
                     if report.claimed:
                         continue
@@ -456,6 +459,42 @@ class AsyncWorker(WorkerSettings):
                 for s in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(s)
             await self.aclose()
+
+    async def _tick_to_the_end(self) -> TickReport:
+        """tick(), which a cancellation of run() ends as stop() does, then passes on.
+
+        A cancelled await would abandon the sends in flight: a send thread would
+        go on and deliver, its outcome never recorded and the whole batch leased
+        until the lease ran out, then sent again by the next worker. So the tick
+        goes on, shielded: it claims nothing more, records what it sent and hands
+        back the rest. Past the lease (which must exceed the longest send) waiting
+        is no use: another worker may have claimed the batch by then.
+        """
+        tick = asyncio.ensure_future(self.tick())
+        try:
+            return await asyncio.shield(tick)
+        except asyncio.CancelledError:
+            self._stopping.set()
+            await self._finish_cancelled(tick)
+            raise
+
+    async def _finish_cancelled(self, tick: asyncio.Future[TickReport]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease.total_seconds()
+        while not tick.done() and (left := deadline - loop.time()) > 0:
+            # Cancelled again: still the same stop, still bounded by the deadline.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({tick}, timeout=left)
+        if not tick.done():
+            log.warning("cancelled: sends still in flight after the lease; their outcome is lost")
+            tick.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({tick})
+        if not tick.cancelled() and (exc := tick.exception()) is not None:
+            # Not str(exc): a SQLAlchemy error's text carries the statement's parameters.
+            log.warning(
+                "cancelled: the last batch's outcome was not recorded (%s)", type(exc).__name__
+            )
 
     async def _watch(self, stop: asyncio.Event) -> None:
         await stop.wait()

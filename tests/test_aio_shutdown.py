@@ -1,4 +1,9 @@
-"""How an AsyncWorker ends: aclose() beside a send, a second event loop."""
+"""How an AsyncWorker ends: a cancelled run(), aclose() beside a send, a second event loop.
+
+A host stops `run()` by cancelling its task as often as with `stop()` (the
+FastAPI example does); either way a mail that was sent is recorded as sent, and
+nothing stays leased until another worker sends it again.
+"""
 
 from __future__ import annotations
 
@@ -32,11 +37,76 @@ def aoutbox(db_url: sa.URL, loop_thread: LoopThread) -> Iterator[AsyncOutbox]:
     loop_thread.run(engine.dispose())
 
 
+def _slow_transport(seconds: float) -> tuple[MemoryTransport, threading.Event]:
+    """A synchronous transport (as SmtpTransport is) whose send takes `seconds`."""
+    sending = threading.Event()
+
+    def slow(envelope: Envelope) -> None:
+        sending.set()
+        time.sleep(seconds)
+
+    return MemoryTransport(slow), sending
+
+
 async def _until(event: threading.Event) -> None:
     deadline = time.monotonic() + 10
     while not event.is_set():
         assert time.monotonic() < deadline, "the send never started"
         await asyncio.sleep(0.01)
+
+
+def test_cancelling_run_records_the_send_in_flight_and_hands_back_the_rest(
+    loop_thread: LoopThread, aoutbox: AsyncOutbox, sync_outbox: Outbox
+) -> None:
+    """A cancelled run() ends as stop() does: the mail it sent is `sent`, the others due again."""
+    sync_outbox.enqueue_many([make_mail() for _ in range(3)])
+    transport, sending = _slow_transport(0.5)
+    worker = AsyncWorker(aoutbox, transport, concurrency=1, listen=False)
+
+    async def body() -> bool:
+        task = asyncio.create_task(worker.run())
+        await _until(sending)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return task.cancelled()
+
+    assert loop_thread.run(body())  # the cancellation still reaches the caller
+    [delivered] = transport.sent
+    assert sync_outbox.get_delivery(delivered.delivery_id).status is Status.SENT
+    counts = sync_outbox.count_by_status()
+    assert (counts[Status.SENT], counts[Status.PENDING], counts[Status.SENDING]) == (1, 2, 0)
+
+    # Another worker takes the two handed back at once, and never the delivered one.
+    heir = MemoryTransport()
+    report = loop_thread.run(AsyncWorker(aoutbox, heir, concurrency=3).tick())
+    assert report.sent == 2
+    assert {e.delivery_id for e in heir.sent}.isdisjoint({delivered.delivery_id})
+
+
+def test_a_cancelled_run_waits_for_a_hung_send_no_longer_than_the_lease(
+    loop_thread: LoopThread, aoutbox: AsyncOutbox, sync_outbox: Outbox
+) -> None:
+    """Past the lease another worker may own the mail: the cancelled run() gives up and ends."""
+    sync_outbox.enqueue(make_mail())
+    sending = threading.Event()
+
+    class HungTransport:
+        async def send(self, envelope: Envelope) -> None:
+            sending.set()
+            await asyncio.Event().wait()
+
+    worker = AsyncWorker(aoutbox, HungTransport(), listen=False, lease=timedelta(seconds=1))
+
+    async def body() -> float:
+        task = asyncio.create_task(worker.run())
+        await _until(sending)
+        started = time.monotonic()
+        task.cancel()
+        await asyncio.gather(asyncio.wait_for(task, 10), return_exceptions=True)
+        assert task.cancelled()
+        return time.monotonic() - started
+
+    assert loop_thread.run(body()) < 5
 
 
 def test_aclose_closes_the_transport_only_after_the_sends_in_flight(
