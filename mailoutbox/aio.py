@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -65,13 +66,23 @@ async def transaction(
 
     `autocommit`: for a plan whose writes are one statement, atomic on its own;
     it then costs one round trip instead of three (BEGIN, statement, COMMIT).
+    A connection a host's `checkout` event left in a transaction cannot switch
+    to autocommit: the plan then runs in that transaction, committed on leaving.
     """
     async with engine.connect() as conn:
-        if autocommit:
+        if autocommit and not await _in_transaction(conn):
             yield await conn.execution_options(isolation_level="AUTOCOMMIT")
         else:
             async with conn.begin():
                 yield conn
+
+
+async def _in_transaction(conn: AsyncConnection) -> bool:
+    """Whether the driver connection is in a transaction already (see direct.DirectConnection)."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    status = driver.info.transaction_status
+    return bool(status != psycopg.pq.TransactionStatus.IDLE)
 
 
 async def arun(conn: AsyncConnection, plan: ops.Plan[T]) -> T:
@@ -550,6 +561,9 @@ class _AsyncListener:
         # Detached: this connection leaves the pool for good and is closed, not returned.
         raw.detach()
         try:
+            if driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                # A host's `checkout` event ran SQL: nothing of it matters to LISTEN.
+                await driver.rollback()
             await driver.set_autocommit(True)
             await driver.execute(f'LISTEN "{channel}"')
         except BaseException:
