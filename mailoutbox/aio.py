@@ -31,6 +31,7 @@ from .delivery import (
     WorkerSettings,
     completion_retry_delays,
     log_completion_retry,
+    may_start_a_send,
 )
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail
 from .outbox import (
@@ -314,8 +315,10 @@ class AsyncWorker(WorkerSettings):
             return report
         claimed, lease_ends = await self._claim(exclude)
         while claimed:
-            sent = SentBatch(claimed, await self._handle_all(claimed), lease_ends)
-            exclude.extend(sent.retried_ids())
+            sent = SentBatch(claimed, await self._handle_all(claimed, lease_ends), lease_ends)
+            if not self._stopping.is_set():
+                sent.warn_if_the_lease_ran_short(self.lease.total_seconds(), self.name)
+            exclude.extend(sent.put_back_ids())
             next_claim: asyncio.Future[tuple[list[ClaimedDelivery], float]] | None = None
             if self.claims_again_in_tick(claimed, len(exclude)) and self._may_claim():
                 # As in Worker.tick: keep this batch out of the claim beside its record.
@@ -379,17 +382,24 @@ class AsyncWorker(WorkerSettings):
         self.loop_backoff.progressed()
         return sent.finish(self.name, self.observer, *outcome)
 
-    async def _handle_all(self, claimed: Sequence[ClaimedDelivery]) -> list[Completion | None]:
+    async def _handle_all(
+        self, claimed: Sequence[ClaimedDelivery], lease_ends: float
+    ) -> list[Completion | None]:
         gate = asyncio.Semaphore(self.concurrency)
 
         async def handle(c: ClaimedDelivery) -> Completion | None:
             async with gate:
-                return await self._handle(c)
+                return await self._handle(c, lease_ends)
 
         return list(await asyncio.gather(*(handle(c) for c in claimed)))
 
-    async def _handle(self, claimed: ClaimedDelivery) -> Completion | None:
-        if self._stopping.is_set() or self.pause.remaining():
+    async def _handle(self, claimed: ClaimedDelivery, lease_ends: float) -> Completion | None:
+        # Handed back as in Worker._handle: stopping, paused, or too little lease left.
+        if (
+            self._stopping.is_set()
+            or self.pause.remaining()
+            or not may_start_a_send(lease_ends, self.lease.total_seconds())
+        ):
             return None
         started = time.monotonic()
         try:

@@ -47,6 +47,19 @@ EXPIRED_REASON = "expired"
 RETRIED_PER_TICK = 1000
 
 
+def may_start_a_send(lease_ends: float, lease_seconds: float) -> bool:
+    """Whether a batch's lease leaves room to begin one more send: half of it, at least.
+
+    One lease covers a whole batch, and every send must end within it: past it,
+    another worker takes the delivery over and sends it too. A relay slow enough
+    (content scanning, tarpitting) makes a batch's sends outlast the lease
+    however long each one's timeout is. The README asks for a lease well beyond
+    the longest send; half the lease is that margin. A delivery refused here is
+    handed back unsent, its attempt refunded, due at once.
+    """
+    return lease_ends - time.monotonic() >= lease_seconds / 2
+
+
 def bounded(text: str, limit: int = MAX_ERROR_TEXT) -> str:
     """Error text cut to `limit` characters, so rows and logs stay bounded."""
     return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
@@ -304,13 +317,32 @@ class SentBatch:
     ) -> None:
         self.claimed = claimed
         self.lease_ends = lease_ends
-        # None: the worker stopped or paused before that send; its lease goes back.
+        # None: the worker stopped or paused before that send, or the lease ran
+        # short (may_start_a_send); its lease goes back.
         self.completions = [o for o in outcomes if o is not None]
         self.unsent = [c for c, o in zip(claimed, outcomes, strict=True) if o is None]
 
     def retried_ids(self) -> list[uuid.UUID]:
         """Deliveries this batch puts back to retrying: not to be claimed again this tick."""
         return [c.delivery_id for c in self.completions if c.status is Status.RETRYING]
+
+    def put_back_ids(self) -> list[uuid.UUID]:
+        """Deliveries this batch leaves due again (retried, or handed back unsent):
+        not to be claimed again this tick."""
+        return self.retried_ids() + [c.delivery_id for c in self.unsent]
+
+    def warn_if_the_lease_ran_short(self, lease_seconds: float, worker: str) -> None:
+        """Say so when sends were handed back because half the lease had gone by
+        (not because the worker was stopping or paused): a setting to change."""
+        if self.unsent and not may_start_a_send(self.lease_ends, lease_seconds):
+            log.warning(
+                "%d deliveries handed back unsent: half of the batch's %.0f s lease went"
+                " by before their sends could begin; lengthen the lease or lower the"
+                " batch size (or raise the concurrency)",
+                len(self.unsent),
+                lease_seconds,
+                extra={"worker": worker},
+            )
 
     @property
     def records_in_one_statement(self) -> bool:

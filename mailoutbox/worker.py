@@ -45,6 +45,7 @@ from .delivery import (
     completion_retry_delays,
     default_worker_name,
     log_completion_retry,
+    may_start_a_send,
 )
 from .direct import DirectConnection, direct
 from .outbox import Outbox, translate_missing_schema
@@ -109,10 +110,12 @@ class Worker(WorkerSettings):
             return report
         claimed, lease_ends = self._claim(exclude)
         while claimed:
-            sent = SentBatch(claimed, self._start_sends(claimed)(), lease_ends)
-            # Only retried rows can come due again in this tick; sent and
+            sent = SentBatch(claimed, self._start_sends(claimed, lease_ends)(), lease_ends)
+            if not self._stopping.is_set():
+                sent.warn_if_the_lease_ran_short(self.lease.total_seconds(), self.name)
+            # Only rows put back can come due again in this tick; sent and
             # dead-lettered ones are out of reach of the claim anyway.
-            exclude.extend(sent.retried_ids())
+            exclude.extend(sent.put_back_ids())
             next_claim: Future[tuple[list[ClaimedDelivery], float]] | None = None
             if self.claims_again_in_tick(claimed, len(exclude)) and self._may_claim():
                 # The record below may commit while this claim runs: keep the whole
@@ -190,7 +193,7 @@ class Worker(WorkerSettings):
         return sent.finish(self.name, self.observer, *outcome)
 
     def _start_sends(
-        self, claimed: Sequence[ClaimedDelivery]
+        self, claimed: Sequence[ClaimedDelivery], lease_ends: float
     ) -> Callable[[], list[Completion | None]]:
         """Start handling a batch on up to `concurrency` threads; answer a wait for the outcomes.
 
@@ -207,7 +210,7 @@ class Worker(WorkerSettings):
                     i = next(positions, None)
                 if i is None:
                     return
-                outcomes[i] = self._handle(claimed[i])
+                outcomes[i] = self._handle(claimed[i], lease_ends)
 
         pool = self._executor()
         tasks = [pool.submit(work) for _ in range(min(self.concurrency, len(claimed)))]
@@ -236,13 +239,18 @@ class Worker(WorkerSettings):
 
     # --- one delivery (runs on a send thread; never raises) -----------------------------
 
-    def _handle(self, claimed: ClaimedDelivery) -> Completion | None:
+    def _handle(self, claimed: ClaimedDelivery, lease_ends: float) -> Completion | None:
         """The delivery's Completion, or None to hand its lease back unsent.
 
         Handed back: when the worker is stopping, or paused because the mail
-        server was unavailable a moment ago.
+        server was unavailable a moment ago, or when too little of the batch's
+        lease is left for a send to finish within it (may_start_a_send).
         """
-        if self._stopping.is_set() or self.pause.remaining():
+        if (
+            self._stopping.is_set()
+            or self.pause.remaining()
+            or not may_start_a_send(lease_ends, self.lease.total_seconds())
+        ):
             return None
         started = time.monotonic()
         try:

@@ -147,6 +147,39 @@ def test_zero_delay_retry_is_not_claimed_twice_in_one_tick(outbox: Outbox) -> No
     assert len(outbox.list_attempts(enq.delivery_id)) == 2
 
 
+def test_sends_begin_only_while_half_the_batch_lease_is_left(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One lease covers a batch. Against a relay slow enough the batch's last sends
+    would begin after its lease ran out, and the worker that takes the lease over
+    would send them too. A send begins only while half the lease is left; the rest
+    go back unsent, due at once, and each mail is sent once."""
+    ids = [r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(6)])]
+    sends: collections.Counter[uuid.UUID] = collections.Counter()
+    count = threading.Lock()
+
+    def relay(delay: float) -> MemoryTransport:
+        def handler(envelope: Envelope) -> None:
+            with count:
+                sends[envelope.delivery_id] += 1
+            time.sleep(delay)
+
+        return MemoryTransport(handler)
+
+    slow = worker(outbox, relay(0.5), batch_size=6, concurrency=1, lease=timedelta(seconds=2))
+    heir = worker(outbox, relay(0.0), batch_size=6)
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(1) as pool:
+        slow_tick = pool.submit(slow.tick)
+        time.sleep(2.6)  # past the slow worker's lease, whatever it still holds
+        heir_report = heir.tick()
+        slow_report = slow_tick.result(timeout=10)
+    assert sends == collections.Counter(dict.fromkeys(ids, 1))
+    assert 0 < slow_report.sent < 6
+    assert slow_report.released == 6 - slow_report.sent
+    assert heir_report == TickReport(claimed=slow_report.released, sent=slow_report.released)
+    assert "lengthen the lease" in caplog.text
+
+
 def test_a_tick_ends_after_a_thousand_retries_and_the_next_carries_on(outbox: Outbox) -> None:
     """A relay deferring everything: each tick retries at most 1,000, none of them twice.
 
