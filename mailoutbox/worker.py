@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
 from .delivery import (
@@ -366,6 +367,10 @@ class _Listener:
         # Detached: this connection leaves the pool for good and is closed, not returned.
         raw.detach()
         try:
+            if driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                # A host's `checkout` event ran SQL: nothing of it matters to LISTEN, and
+                # psycopg refuses to switch to autocommit inside a transaction.
+                driver.rollback()
             driver.autocommit = True
             driver.execute(f'LISTEN "{channel}"')
         except BaseException:

@@ -8,7 +8,9 @@ the outbox works in that transaction as SQLAlchemy's engine.begin() would.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ import sqlalchemy as sa
 from mailoutbox import MemoryTransport, Outbox, SchemaNotMigrated, Status, Worker
 
 from .conftest import DEFAULT_SENDER, SCHEMA
-from .factories import make_mail, row_counts
+from .factories import make_mail, row_counts, running, wait_until
 
 host_rows = sa.Table("host_rows", sa.MetaData(), sa.Column("n", sa.Integer))
 
@@ -94,6 +96,22 @@ def test_a_worker_delivers_through_connections_set_up_at_checkout(
     finally:
         worker.close()
     assert len(transport.sent) == 1
+    assert sync_outbox.get_delivery(enqueued.delivery_id).status is Status.SENT
+
+
+def test_a_running_worker_listens_through_a_connection_set_up_at_checkout(
+    tenant_engine: sa.Engine, sync_outbox: Outbox
+) -> None:
+    """run()'s LISTEN connection comes from the same pool: it failed to switch to
+    autocommit inside the checkout's transaction, and the loop retried for ever,
+    sending nothing."""
+    outbox = Outbox(tenant_engine, schema=SCHEMA, default_sender=DEFAULT_SENDER)
+    transport = MemoryTransport()
+    worker = Worker(outbox, transport, poll_interval=timedelta(seconds=30))
+    with running(worker):
+        time.sleep(0.3)  # the first tick has found nothing; the worker now waits on LISTEN
+        enqueued = outbox.enqueue(make_mail())
+        wait_until(lambda: len(transport.sent) == 1, 10, "the notified worker to send")
     assert sync_outbox.get_delivery(enqueued.delivery_id).status is Status.SENT
 
 
