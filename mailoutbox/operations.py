@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
@@ -572,25 +572,38 @@ def queue_health(t: Tables) -> Plan[tuple[float, int]]:
 
 
 def resend(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:
-    """Re-arm a delivery, or raise why not (DeliveryNotFound, ResendOnSent, InvalidTransition).
+    """Re-arm a delivery, or raise why not (DeliveryNotFound, ResendOnSent, InvalidTransition)."""
+
+    def refuse(current: Delivery) -> None:
+        if current.status is Status.SENT:
+            raise ResendOnSent(delivery_id)
+        if current.status is Status.SENDING:
+            raise InvalidTransition(delivery_id, current.status.value, "resend")
+
+    update = Query(st.resend_unless_sent_or_sending(t), {"target_id": delivery_id})
+    delivery = yield from guarded_transition(t, delivery_id, update, refuse)
+    yield from notify_due(t)
+    return delivery
+
+
+def guarded_transition(
+    t: Tables, delivery_id: uuid.UUID, update: Query, refuse: Callable[[Delivery], None]
+) -> Plan[Delivery]:
+    """Run an operator's status-guarded UPDATE; answer the delivery it changed.
 
     The guarded UPDATE decides. When it matches nothing the row is read under a
-    lock, so the reason given is the state that refused it: a completion that
-    committed in between (say, to dead_lettered) gets the UPDATE run again.
+    lock and `refuse` raises for the state that refused it. A state it accepts
+    means a worker's completion committed in between (sending back to
+    retrying, or on to dead_lettered): the UPDATE runs again, now under the
+    lock, rather than a refusal naming a state the operation accepts (F9, F15).
     """
-    update = Query(st.resend_unless_sent_or_sending(t), {"target_id": delivery_id})
     rows = yield update
     if not rows:
         locked = yield Query(st.lock_delivery(t), {"delivery_id": delivery_id})
         if not locked:
             raise DeliveryNotFound(delivery_id)
-        current = delivery_from_row(locked[0])
-        if current.status is Status.SENT:
-            raise ResendOnSent(delivery_id)
-        if current.status is Status.SENDING:
-            raise InvalidTransition(delivery_id, current.status.value, "resend")
+        refuse(delivery_from_row(locked[0]))
         rows = yield update
-    yield from notify_due(t)
     return delivery_from_row(rows[0])
 
 
@@ -600,24 +613,14 @@ def notify_due(t: Tables) -> Plan[None]:
 
 
 def cancel(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery]:
-    """Cancel a waiting delivery, or raise why not (DeliveryNotFound, InvalidTransition).
+    """Cancel a waiting delivery, or raise why not (DeliveryNotFound, InvalidTransition)."""
 
-    As in `resend`: when the guarded UPDATE matches nothing the row is read under
-    a lock, so a worker's completion that committed in between (sending back to
-    retrying, say) gets the UPDATE run again rather than a refusal naming a
-    state that cancel accepts.
-    """
-    update = Query(st.cancel_if_waiting(t), {"target_id": delivery_id})
-    rows = yield update
-    if not rows:
-        locked = yield Query(st.lock_delivery(t), {"delivery_id": delivery_id})
-        if not locked:
-            raise DeliveryNotFound(delivery_id)
-        current = delivery_from_row(locked[0])
+    def refuse(current: Delivery) -> None:
         if current.status not in WAITING_STATUSES:
             raise InvalidTransition(delivery_id, current.status.value, "cancel")
-        rows = yield update
-    return delivery_from_row(rows[0])
+
+    update = Query(st.cancel_if_waiting(t), {"target_id": delivery_id})
+    return (yield from guarded_transition(t, delivery_id, update, refuse))
 
 
 def purge_batch(t: Tables, *, older_than_seconds: float, batch: int) -> Plan[int]:
