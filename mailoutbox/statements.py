@@ -197,7 +197,6 @@ def _notify_after_commit() -> sa.CTE:
     return sa.select(setting.label("setting")).cte("notify_after_commit")
 
 
-@functools.lru_cache(maxsize=32)
 def _cycle_start(send_at: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     """When a new delivery's retry age (RetryPolicy.max_age) starts: its send_at, or now
     if that is earlier or unset. A send_at already past (computed late: "remind three
@@ -206,6 +205,7 @@ def _cycle_start(send_at: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
     return sa.func.greatest(send_at, _NOW)
 
 
+@functools.lru_cache(maxsize=32)
 def insert_enqueue(t: Tables, notify_after_commit: bool = False) -> sa.Select[Any]:
     """Insert a batch of mails (payload, delivery, recipients) in one statement.
 
