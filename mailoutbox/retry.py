@@ -162,7 +162,9 @@ class RetryPolicy:
             return RetryDecision.give_up(f"attempts exhausted ({self.max_attempts})")
         delay = self.delay(attempts)
         if self.max_age is not None:
-            remaining = created_at + self.max_age - now
+            # Not created_at + max_age: a max_age meant as "never" (timedelta.max, or
+            # the CLI's 3000000d) would overflow the datetime and dead-letter the mail.
+            remaining = self.max_age - (now - created_at)
             if remaining <= timedelta(0):
                 return RetryDecision.give_up("max age exceeded")
             delay = min(delay, remaining)

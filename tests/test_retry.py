@@ -292,3 +292,17 @@ def test_loop_backoff_names_a_schema_mismatch_as_work_for_the_operator(
     assert "last_attempt_no does not exist" in mismatch.getMessage()
     assert outage.levelno == logging.WARNING
     assert outage.getMessage().startswith("database unavailable")
+
+
+def test_a_max_age_meant_as_never_retries_instead_of_overflowing() -> None:
+    """`--max-age 3000000d` or timedelta.max, a user's way to say "never give up for age":
+    created_at + max_age overflowed the datetime, and the worker dead-lettered the mail
+    on its first temporary failure."""
+    now = datetime(2026, 12, 3, tzinfo=timezone.utc)
+    for max_age in (timedelta.max, timedelta(days=3_000_000)):
+        policy = RetryPolicy(max_age=max_age)
+        decision = policy.decide(attempts=1, created_at=now, now=now, permanent=False)
+        assert decision.action is RetryAction.RETRY
+    old = RetryPolicy(max_age=timedelta(days=2))
+    aged = old.decide(attempts=1, created_at=now - timedelta(days=3), now=now, permanent=False)
+    assert aged.action is RetryAction.GIVE_UP and aged.reason == "max age exceeded"
