@@ -997,6 +997,11 @@ def worker(
             "--smtp-username needs a password "
             f"({PASSWORD_ENV} or --smtp-password-file), and a password needs --smtp-username"
         )
+    if metrics_port and metrics_port + processes - 1 > 65535:
+        raise click.UsageError(
+            f"--metrics-port {metrics_port} with --processes {processes}: process i serves"
+            f" on PORT+i-1, and {metrics_port + processes - 1} is past 65535"
+        )
     if metrics_port is not None:
         try:
             from . import metrics  # noqa: F401  (only to fail early without prometheus-client)

@@ -152,10 +152,12 @@ def serve_worker(settings: WorkerSettings, engine: sa.Engine | None = None) -> N
                 server = metrics.start_metrics_server(
                     settings.metrics_port, outbox, prometheus, addr=settings.metrics_host
                 )
-            except OSError as exc:
+            except (OSError, OverflowError) as exc:
+                # OverflowError: socket's own refusal of a port past 65535.
+                reason = exc.strerror if isinstance(exc, OSError) else str(exc)
                 raise MetricsUnavailable(
                     f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: "
-                    f"{exc.strerror}"
+                    f"{reason}"
                 ) from None
             stack.callback(server.close)
             observer, port_note = prometheus, f", metrics on port {server.port}"

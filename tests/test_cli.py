@@ -538,6 +538,14 @@ def test_worker_zero_poll_interval_exits_2(db_url: sa.URL) -> None:
     assert_one_line_error(result, 2, "--poll-interval")
 
 
+def test_worker_metrics_ports_past_65535_are_a_usage_error(db_url: sa.URL) -> None:
+    """Process i serves on PORT+i-1: the last one past 65535 crashed and was restarted
+    for ever, its slot never running."""
+    args = ("worker", "--smtp-host", "h", "--processes", "2", "--metrics-port", "65535")
+    result = run(*db(db_url, *args))
+    assert_one_line_error(result, 2, "--metrics-port 65535", "65536 is past 65535")
+
+
 def test_worker_malformed_message_id_domain_exits_2(db_url: sa.URL) -> None:
     """A domain no Message-ID may carry is a usage error, not a worker that dead-letters
     every mail it renders."""
