@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -33,6 +32,7 @@ from .delivery import (
     log_completion_retry,
     may_start_a_send,
 )
+from .direct import driver_in_transaction
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail
 from .outbox import (
     OutboxSettings,
@@ -79,11 +79,10 @@ async def transaction(
 
 
 async def _in_transaction(conn: AsyncConnection) -> bool:
-    """Whether the driver connection is in a transaction already (see direct.DirectConnection)."""
+    """Whether the driver connection is in a transaction already (see direct.py)."""
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    status = driver.info.transaction_status
-    return bool(status != psycopg.pq.TransactionStatus.IDLE)
+    return driver_in_transaction(driver)
 
 
 async def arun(conn: AsyncConnection, plan: ops.Plan[T]) -> T:
@@ -571,7 +570,7 @@ class _AsyncListener:
         # Detached: this connection leaves the pool for good and is closed, not returned.
         raw.detach()
         try:
-            if driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            if driver_in_transaction(driver):
                 # A host's `checkout` event ran SQL: nothing of it matters to LISTEN.
                 await driver.rollback()
             await driver.set_autocommit(True)

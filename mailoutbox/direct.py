@@ -135,13 +135,18 @@ class DirectConnection:
             self._driver.autocommit = on
 
     def in_transaction(self) -> bool:
-        """Whether the connection came out of the pool already in a transaction.
+        """Whether the connection came out of the pool already in a transaction."""
+        return driver_in_transaction(self._driver)
 
-        A host's `checkout` event that runs SQL on the DBAPI connection (a tenant
-        for row-level security, a search_path) leaves it so; psycopg then refuses
-        to change autocommit.
-        """
-        return self._driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+def driver_in_transaction(driver: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether a psycopg connection is inside a transaction already.
+
+    A host's `checkout` event that runs SQL on the DBAPI connection (a tenant for
+    row-level security, a search_path) leaves a pooled connection so; psycopg then
+    refuses to change autocommit. Shared by both workers and both transaction helpers.
+    """
+    return bool(driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE)
 
 
 @contextlib.contextmanager

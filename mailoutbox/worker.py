@@ -31,7 +31,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 
 from .delivery import (
@@ -48,7 +47,7 @@ from .delivery import (
     log_completion_retry,
     may_start_a_send,
 )
-from .direct import DirectConnection, direct
+from .direct import DirectConnection, direct, driver_in_transaction
 from .outbox import Outbox, translate_missing_schema
 from .records import ClaimedDelivery, Completion
 from .transports.base import Transport, close_transport
@@ -367,7 +366,7 @@ class _Listener:
         # Detached: this connection leaves the pool for good and is closed, not returned.
         raw.detach()
         try:
-            if driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            if driver_in_transaction(driver):
                 # A host's `checkout` event ran SQL: nothing of it matters to LISTEN, and
                 # psycopg refuses to switch to autocommit inside a transaction.
                 driver.rollback()
