@@ -32,8 +32,7 @@ from .errors import (
 )
 from .logs import redact_addresses
 from .records import AttemptRecord, ClaimedDelivery, Completion
-from .render import _check_domain as check_message_id_domain
-from .render import render
+from .render import check_message_id_domain, render
 from .retry import RetryPolicy
 from .schema import Outcome, Status
 from .transports.base import Envelope, SendResult

@@ -98,7 +98,8 @@ def message_id_for(delivery_id: uuid.UUID, sender: str, *, domain: str | None = 
     allowed). The value depends only on its arguments, so every retry of a
     delivery carries the same Message-ID.
     """
-    return f"<{delivery_id}@{_check_domain(_sender_domain(sender) if domain is None else domain)}>"
+    domain = check_message_id_domain(_sender_domain(sender) if domain is None else domain)
+    return f"<{delivery_id}@{domain}>"
 
 
 @functools.lru_cache(maxsize=256)
@@ -187,7 +188,9 @@ def _date_header_at(second: datetime) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
-def _check_domain(domain: str) -> str:
+def check_message_id_domain(domain: str) -> str:
+    """`domain` if a Message-ID may carry it, else InvalidMail (the workers check theirs
+    at start-up)."""
     if not isinstance(domain, str) or not _DOMAIN.fullmatch(domain):
         raise InvalidMail(f"malformed Message-ID domain {domain!r}", field="message_id_domain")
     return domain
