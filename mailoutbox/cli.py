@@ -89,6 +89,10 @@ class DatabaseUnavailable(click.ClickException):
     exit_code = EXIT_DATABASE
 
 
+# admin_shutdown, crash_shutdown, cannot_connect_now
+_SERVER_GOING_AWAY = ("57P01", "57P02", "57P03")
+
+
 def _unreachable(exc: Exception) -> bool:
     """Whether `exc` says the database cannot be reached (exit 3), rather than that one
     statement failed on it: a statement timeout, a lock timeout or a deadlock is an
@@ -100,10 +104,6 @@ def _unreachable(exc: Exception) -> bool:
     sqlstate = getattr(driver_error(exc), "sqlstate", None)
     # No SQLSTATE: the connection failed before the server said anything.
     return sqlstate is None or sqlstate.startswith("08") or sqlstate in _SERVER_GOING_AWAY
-
-
-# admin_shutdown, crash_shutdown, cannot_connect_now
-_SERVER_GOING_AWAY = ("57P01", "57P02", "57P03")
 
 
 def _translate(exc: Exception, state: _State) -> click.ClickException | None:
