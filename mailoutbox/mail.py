@@ -51,8 +51,10 @@ OWNED_HEADERS = frozenset(
 )
 
 # C0 and C1 controls, DEL, and the Unicode line/paragraph separators: any of them in a header
-# could split it (header injection) or be rewritten by a relay.
-_HEADER_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u0085\ud800-\udfff]")
+# could split it (header injection) or be rewritten by a relay; lone surrogates cannot be
+# encoded at all. The part beyond C0 is shared with _SOURCE_HEADER_FORBIDDEN.
+_HEADER_FORBIDDEN_BEYOND_C0 = "\x7f-\x9f\u2028\u2029\u0085\ud800-\udfff"
+_HEADER_FORBIDDEN = re.compile(f"[\x00-\x1f{_HEADER_FORBIDDEN_BEYOND_C0}]")
 # Bodies may hold line breaks and tabs, but no NUL (PostgreSQL text cannot store it).
 # Lone surrogates cannot be encoded as UTF-8 at all.
 _BODY_FORBIDDEN = re.compile("[\x00\ud800-\udfff]")
@@ -230,9 +232,7 @@ _FOLDING = re.compile(r"\r?\n[ \t]")
 # reader that trims lines could take it for the end of the header section.
 _BLANK_CONTINUATION = re.compile(r"\n[ \t]*(?:\r?\n|\Z)")
 # _HEADER_FORBIDDEN but for tabs: a caller's message may hold them inside a header value.
-_SOURCE_HEADER_FORBIDDEN = re.compile(
-    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u0085\ud800-\udfff]"
-)
+_SOURCE_HEADER_FORBIDDEN = re.compile(f"[\x00-\x08\x0a-\x1f{_HEADER_FORBIDDEN_BEYOND_C0}]")
 # The Mail field each header of a caller's message fills.
 _MESSAGE_FIELDS = {
     "from": "sender",
