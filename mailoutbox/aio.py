@@ -299,6 +299,8 @@ class AsyncWorker(WorkerSettings):
         # Set by stop(); run() makes a new one each time, as an Event is bound to the
         # loop of its first wait(): one worker serves asyncio.run() after asyncio.run().
         self._stopping = asyncio.Event()
+        # A stop() that no run() has met yet: kept for the run() about to begin (see stop).
+        self._stop_asked = False
         self._async_send = inspect.iscoroutinefunction(getattr(transport, "send", None))
         self._pool: ThreadPoolExecutor | None = None
 
@@ -434,11 +436,13 @@ class AsyncWorker(WorkerSettings):
         them and hands back the deliveries it had not started; a cancellation
         waits for that (shielded, for at most the lease) and then goes on up as
         CancelledError. With handle_signals=True (in the main thread), SIGTERM
-        and SIGINT stop it. A stop() before run() starts is not kept: each run()
-        starts afresh, as Worker.run does.
+        and SIGINT stop it. A stop() asked before the task has begun ends this
+        run() at once (see stop).
         """
         stop = stop or asyncio.Event()
         self._stopping = asyncio.Event()
+        if self._stop_asked:
+            self._stopping.set()
         loop = asyncio.get_running_loop()
         if handle_signals:
             for s in (signal.SIGTERM, signal.SIGINT):
@@ -479,6 +483,7 @@ class AsyncWorker(WorkerSettings):
                 for s in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(s)
             await self.aclose()
+            self._stop_asked = False
 
     async def _tick_to_the_end(self) -> TickReport:
         """tick(), which a cancellation of run() ends as stop() does, then passes on.
@@ -536,7 +541,14 @@ class AsyncWorker(WorkerSettings):
                     await task
 
     def stop(self) -> None:
-        """Ask a running `run()` to stop after the sends in flight."""
+        """Ask `run()` to stop after the sends in flight.
+
+        Asked before run() has begun, as right after `asyncio.create_task(worker.run())`
+        (the task has not run yet), the stop is kept: that run() returns at once,
+        claiming nothing. A run() that has ended has forgotten it, so the worker
+        can be run again.
+        """
+        self._stop_asked = True
         self._stopping.set()
 
     async def aclose(self) -> None:

@@ -83,6 +83,8 @@ class Worker(WorkerSettings):
         self.store = outbox.store
         self.engine = outbox.engine
         self._stopping = threading.Event()
+        # A stop() that no run() has met yet: kept for the run() about to begin (see stop).
+        self._stop_asked = False
         self._pool: ThreadPoolExecutor | None = None
         self._claim_thread: ThreadPoolExecutor | None = None
 
@@ -279,6 +281,8 @@ class Worker(WorkerSettings):
         """
         stop = stop or threading.Event()
         self._stopping.clear()
+        if self._stop_asked:
+            self._stopping.set()
         with self._signals_set(stop, enabled=handle_signals):
             watcher = threading.Thread(target=self._watch, args=(stop,), daemon=True)
             watcher.start()
@@ -306,6 +310,7 @@ class Worker(WorkerSettings):
                 if listener is not None:
                     listener.close()
                 self.close()
+                self._stop_asked = False
                 self._stopping.set()
 
     def _watch(self, stop: threading.Event) -> None:
@@ -345,7 +350,14 @@ class Worker(WorkerSettings):
                 signal.signal(s, handler)
 
     def stop(self) -> None:
-        """Ask a running `run()` (or `tick()`) to stop after the sends in flight."""
+        """Ask `run()` (or a `tick()`) to stop after the sends in flight.
+
+        A stop asked before `run()` has begun, as when a thread running it was
+        only just started, is kept: that run() returns at once, claiming
+        nothing. A run() that has ended has forgotten it, so the worker can be
+        run again.
+        """
+        self._stop_asked = True
         self._stopping.set()
 
     def close(self) -> None:

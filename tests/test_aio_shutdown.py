@@ -170,3 +170,34 @@ def test_one_worker_runs_under_one_event_loop_after_another(
     asyncio.run(one_run(2))
     assert len(transport.sent) == 2
     assert sync_outbox.count_by_status()[Status.SENT] == 2
+
+
+def test_a_stop_asked_before_the_task_runs_ends_that_run(
+    loop_thread: LoopThread, aoutbox: AsyncOutbox, sync_outbox: Outbox
+) -> None:
+    """`task = create_task(worker.run()); worker.stop()`: the task has not begun when
+    stop() is asked. The stop is kept, so awaiting the task ends (it used to hang
+    for ever), and forgotten once that run() is over: the next run delivers."""
+    sync_outbox.enqueue(make_mail())
+    transport = MemoryTransport()
+    worker = AsyncWorker(aoutbox, transport)
+
+    async def start_and_stop() -> None:
+        task = asyncio.create_task(worker.run())
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+
+    loop_thread.run(start_and_stop())
+    assert transport.sent == []
+    assert sync_outbox.count_by_status()[Status.PENDING] == 1
+
+    async def run_until_sent() -> None:
+        task = asyncio.create_task(worker.run())
+        deadline = time.monotonic() + 10
+        while not transport.sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+
+    loop_thread.run(run_until_sent())
+    assert len(transport.sent) == 1

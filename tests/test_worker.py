@@ -572,6 +572,24 @@ def test_stop_with_more_mail_due_leaves_no_lease_and_charges_no_unsent_mail(
     assert row_counts(engine)["mail_attempts"] == 2
 
 
+def test_a_stop_asked_before_run_begins_ends_that_run(sync_outbox: Outbox) -> None:
+    """`Thread(target=worker.run).start(); worker.stop()`: the stop may land before
+    run() begins. It is kept, so the thread ends (it used to run on for ever), and
+    the run that met it forgets it: the worker runs again and delivers."""
+    sync_outbox.enqueue(make_mail())
+    transport = MemoryTransport()
+    w = Worker(sync_outbox, transport, retry=NO_DELAY)
+    w.stop()
+    runner = threading.Thread(target=w.run, kwargs={"handle_signals": False})
+    runner.start()
+    runner.join(10)
+    assert not runner.is_alive(), "run() ignored the stop() asked before it began"
+    assert transport.sent == []
+    assert sync_outbox.count_by_status()[Status.PENDING] == 1
+    with running(w):
+        wait_until(lambda: len(transport.sent) == 1, 10, "the mail to be sent")
+
+
 def test_worker_rejects_nonsense_settings(outbox: Outbox) -> None:
     """Zero batch, zero concurrency or a non-positive lease are refused up front."""
     for kwargs in ({"batch_size": 0}, {"concurrency": 0}, {"lease": timedelta(0)}):
