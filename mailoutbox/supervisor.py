@@ -15,8 +15,9 @@ Rules, in the order an operator meets them:
   start-up (database gone) does not spin.
 - SIGTERM or SIGINT to the supervisor is passed on as SIGTERM to every child,
   which finishes its sends in flight; the supervisor waits for all of them and
-  exits 0. (Ctrl-C in a terminal reaches the children too; a second SIGTERM is
-  harmless to a worker already stopping.)
+  exits 0. (Ctrl-C in a terminal reaches the children too. A child still
+  starting ignores it and stops on the SIGTERM; a running worker already
+  stopping takes the second signal as the same stop.)
 - A child whose supervisor disappears (SIGKILL, OOM killer) notices within a
   second and stops itself the same way, so no orphan keeps sending.
 """
@@ -30,7 +31,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -92,7 +93,8 @@ def _start(context: multiprocessing.context.SpawnContext, slot: _Slot, target: A
         args=(target, slot.index, os.getpid()),
         name=f"mailoutbox-worker-{slot.index}",
     )
-    process.start()
+    with _children_ignore_sigint():
+        process.start()
     slot.process, slot.started_at, slot.restart_at = process, time.monotonic(), None
     log.info("worker process %d started (pid %d)", slot.index, process.pid)
 
@@ -155,10 +157,35 @@ def _install_handlers(stop: threading.Event) -> dict[int, Any]:
     return {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
 
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Children started in the block begin with SIGINT ignored.
+
+    Ctrl-C in a terminal signals the whole foreground group. A child still
+    importing would die of it with a KeyboardInterrupt traceback, and the
+    supervisor's SIGTERM is what stops children anyway. An ignored signal stays
+    ignored across exec, so the disposition is lent to the children; SIGINT is
+    blocked meanwhile, so a Ctrl-C to the supervisor is delayed, not lost. The
+    child unblocks it (_child_main), and the worker installs its own handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal dispositions can only be changed from the main thread
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 # --- in the child -------------------------------------------------------------------------
 
 
 def _child_main(target: Callable[[int], None], index: int, parent_pid: int) -> None:
+    # Inherited from _children_ignore_sigint: ignored (a pending one is dropped), blocked.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(
         target=_stop_when_orphaned, args=(parent_pid,), name="orphan-watch", daemon=True
     ).start()

@@ -637,9 +637,18 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def worker_process(
-    db_url: sa.URL, sink: SmtpSink, tmp_path: Path, *args: str, env: dict[str, str] | None = None
+    db_url: sa.URL,
+    sink: SmtpSink,
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    own_group: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`mailoutbox worker` against `sink`; SIGTERM on exit. Logs go to tmp_path/worker.log."""
+    """`mailoutbox worker` against `sink`; SIGTERM on exit. Logs go to tmp_path/worker.log.
+
+    `own_group`: in a process group of its own, as a terminal's foreground job is
+    (so that a test can signal the group as Ctrl-C does).
+    """
     environment = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
     environment.update(env or {})
     environment["PYTHONPATH"] = os.pathsep.join(
@@ -663,7 +672,12 @@ def worker_process(
     ]
     with (tmp_path / "worker.log").open("wb") as log_file:
         process = subprocess.Popen(
-            command, cwd=REPO, env=environment, stdout=log_file, stderr=subprocess.STDOUT
+            command,
+            cwd=REPO,
+            env=environment,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_group,
         )
         try:
             yield process
@@ -840,6 +854,27 @@ def test_worker_processes_share_the_outbox_and_stop_together(
     logs = (tmp_path / "worker.log").read_text()
     assert "worker node-a-1 starting" in logs and "worker node-a-2 starting" in logs
     assert "Traceback" not in logs
+
+
+def test_ctrl_c_while_the_worker_processes_start_stops_them_without_tracebacks(
+    db_url: sa.URL, outbox: Outbox, tmp_path: Path
+) -> None:
+    """Ctrl-C signals the whole foreground group, children still importing included.
+
+    They used to die of it with a KeyboardInterrupt traceback each. The supervisor's
+    SIGTERM is what stops them, so they end quietly and the supervisor exits 0.
+    """
+    with (
+        SmtpSink() as sink,
+        worker_process(db_url, sink, tmp_path, "--processes", "2", own_group=True) as process,
+    ):
+        children = _children(process, 2)  # spawned, and still importing
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+        assert not any(_alive(pid) for pid in children)
+    logs = (tmp_path / "worker.log").read_text()
+    assert "Traceback" not in logs and "KeyboardInterrupt" not in logs, logs
+    assert "stopping the worker processes" in logs
 
 
 def test_a_worker_process_that_dies_is_started_again(
