@@ -23,7 +23,8 @@ Failures it can stage:
   order before `data_reply` applies: None accepts as usual, `HANG_UP` hangs up
   without a reply (as `drop_after_data` does once).
 - `max_recipients`: the most recipients one transaction takes; RCPT past it is
-  answered ``452 4.5.3 Too many recipients`` (RFC 5321 4.5.3.1.10).
+  answered ``452 4.5.3 Too many recipients`` (RFC 5321 4.5.3.1.10), or
+  `too_many_recipients_reply`.
 - `drop_after_data`: hang up after reading the message, without a reply (the
   message goes to `dropped`, not `messages`).
 - `delays`: seconds to wait before replying, per stage: ``"greeting"``,
@@ -177,7 +178,7 @@ class _Handler:
             return reply
         limit = self.sink.max_recipients
         if limit is not None and len(envelope.rcpt_tos) >= limit:
-            return TOO_MANY_RECIPIENTS
+            return self.sink.too_many_recipients_reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 OK"
@@ -298,6 +299,7 @@ class SmtpSink:
         self.data_reply: str | None = None
         self.next_data_replies: list[str | None] = []
         self.max_recipients: int | None = None
+        self.too_many_recipients_reply = TOO_MANY_RECIPIENTS
         self.drop_after_data = False
         self.delays: dict[str, float] = {}
 

@@ -470,11 +470,19 @@ def test_partial_refusal_returns_refused_recipient(
 # -- too many recipients (RFC 5321 4.5.3.1.10) -----------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "limit_reply", ["452 4.5.3 Too many recipients", "552 5.5.3 Too many recipients"]
+)
 def test_recipients_past_the_servers_limit_get_the_message_in_new_transactions(
-    sink: SmtpSink, make_transport: MakeTransport
+    sink: SmtpSink, make_transport: MakeTransport, limit_reply: str
 ) -> None:
-    """452 to the recipients past a relay's cap: they get the same message in new transactions."""
+    """452 to the recipients past a relay's cap: they get the same message in new transactions.
+
+    A 552 is RFC 821's code for the same limit, to be taken as a 452 (RFC 5321
+    4.5.3.1.10): as a refusal, those recipients never got the mail.
+    """
     sink.max_recipients = 2
+    sink.too_many_recipients_reply = limit_reply
     recipients = tuple(f"r{n}@example.com" for n in range(5))
     envelope = make_envelope(recipients)
 
@@ -511,17 +519,20 @@ def test_failed_new_transaction_reports_its_recipients_refused_not_a_retry(
     assert [m.rcpt_tos for m in sink.messages] == [recipients[:2]]
 
 
+@pytest.mark.parametrize("code", [452, 552])
 def test_recipient_refused_again_in_a_new_transaction_stays_refused(
-    sink: SmtpSink, make_transport: MakeTransport
+    sink: SmtpSink, make_transport: MakeTransport, code: int
 ) -> None:
-    """A 452 not about the limit (a full mailbox) ends as a refusal; the session lives on."""
-    sink.rcpt_replies = {"full@example.com": "452 4.2.2 Mailbox full"}
+    """A 452 or 552 not about the limit (a full mailbox) ends as a refusal; the session
+    lives on."""
+    reply = f"{code} {code // 100}.2.2 Mailbox full"
+    sink.rcpt_replies = {"full@example.com": reply}
     transport = make_transport(sink)
 
     result = transport.send(make_envelope(("a@example.com", "full@example.com")))
     transport.send(make_envelope())
 
-    assert result.refused == {"full@example.com": (452, "4.2.2 Mailbox full")}
+    assert result.refused == {"full@example.com": (code, reply[4:])}
     assert [m.rcpt_tos for m in sink.messages] == [("a@example.com",), ("alice@example.com",)]
     assert sink.connections == 1
 

@@ -25,7 +25,8 @@ offered, SMTPUTF8 needed but not offered, an unusable envelope.
 A recipient refused while others are accepted is reported in
 `SendResult.refused`, except for a 452: RFC 5321 (4.5.3.1.10) has a server
 answer 452 to the recipients past its limit per transaction and the client send
-to them in a new one. So they get the same message in further transactions on
+to them in a new one. A 552 there is RFC 821's code for the same limit, which
+the RFC asks clients to treat as a 452. So they get the same message in further transactions on
 the same session, as long as each delivers to someone; the ones never accepted
 end in `refused`. Once a transaction has delivered, nothing after it raises: a
 retry of the whole mail would reach its recipients twice, so a later
@@ -72,6 +73,10 @@ _MAX_REPLY_LINES = 100
 _MAX_REPLY_BYTES = 64 * 1024
 # smtplib's limit on one reply line (its private `_MAXLINE`), for the same check.
 _MAX_LINE = 8192
+# RCPT replies meaning "past this transaction's recipient limit" when other recipients
+# were accepted: 452, and 552 as RFC 821 had it (RFC 5321 4.5.3.1.10). A 552 about a
+# full mailbox gets the same 552 in the new transaction, and ends as a refusal.
+_OVER_THE_LIMIT = (452, 552)
 
 # RFC 3463: class.subject.detail at the start of the reply text; the class repeats the
 # first digit of the reply code (RFC 2034), which is how a stray number is told apart.
@@ -345,8 +350,8 @@ class SmtpTransport:
         """Send one message; see the class docstring for the failure mapping.
 
         Returns a SendResult whose `refused` maps each recipient the server refused
-        (while accepting others) to its (code, text). Recipients answered 452 (the
-        server's limit per transaction) get the message in new transactions; those
+        (while accepting others) to its (code, text). Recipients answered 452 or 552
+        (the server's limit per transaction) get the message in new transactions; those
         never accepted are in `refused`. Raises TransientSendError,
         UnknownSendOutcome or PermanentSendError, and only while no recipient has
         the message yet.
@@ -390,7 +395,7 @@ class SmtpTransport:
         # someone. (A 452 that means a full mailbox costs one transaction that gets
         # the same 452.) Bcc recipients are envelope addresses only, so the bytes
         # sent are the same for them.
-        pending = [r for r, (code, _) in refused.items() if code == 452]
+        pending = [r for r, (code, _) in refused.items() if code in _OVER_THE_LIMIT]
         while pending:
             log.debug(
                 "delivery %s: %d recipient(s) over the server's limit; new transaction",
@@ -416,7 +421,7 @@ class SmtpTransport:
                     del refused[recipient]
             if len(replies) == len(pending):
                 break  # nobody accepted this time: no progress to build on
-            pending = [r for r, (code, _) in replies.items() if code == 452]
+            pending = [r for r, (code, _) in replies.items() if code in _OVER_THE_LIMIT]
         if refused:
             log.debug(
                 "delivery %s: accepted; %d recipient(s) refused",
