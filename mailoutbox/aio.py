@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -282,6 +282,24 @@ class AsyncOutbox(OutboxSettings):
                 return total
 
 
+def _stops_the_worker(exc: BaseException) -> bool:
+    """Whether an exception out of an awaited send is the host stopping the worker.
+
+    Ctrl-C and SystemExit are, as everywhere in asyncio; so is a CancelledError
+    while this task is being cancelled (a cancelled tick, or run() past its
+    lease). Any other exception, a CancelledError leaked by an async library
+    included, is the send's failure: raised on, it lost the record of the whole
+    batch and ended run() as if cancelled. Before Python 3.11 a task cannot
+    tell who cancelled it, and a CancelledError always stops the worker.
+    """
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return True
+    if isinstance(exc, asyncio.CancelledError):
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)
+        return cancelling is None or bool(cancelling())
+    return False
+
+
 class AsyncWorker(WorkerSettings):
     """Delivers inside an event loop, with Worker's lease, fencing, retry and stop rules.
 
@@ -409,7 +427,9 @@ class AsyncWorker(WorkerSettings):
                 return step
             try:
                 result = await self._send(step)
-            except Exception as exc:  # noqa: BLE001 - classified in outcome_of_send
+            except BaseException as exc:  # classified in outcome_of_send
+                if _stops_the_worker(exc):
+                    raise
                 return self.outcome_of_send(claimed, started, exc=exc)
             return self.outcome_of_send(claimed, started, result)
         except Exception as exc:  # one delivery must never stop the others
@@ -427,7 +447,12 @@ class AsyncWorker(WorkerSettings):
                 max_workers=self.concurrency, thread_name_prefix="mailoutbox-async-send"
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.transport.send, envelope)
+        sent = await loop.run_in_executor(self._pool, self.transport.send, envelope)
+        if inspect.isawaitable(sent):
+            # A coroutine transport behind a sync wrapper, which the check for a
+            # coroutine function at construction cannot see.
+            sent = await sent
+        return cast("SendResult | None", sent)
 
     async def run(self, stop: asyncio.Event | None = None, *, handle_signals: bool = False) -> None:
         """Deliver until `stop` is set (see Worker.run). Cancelling the task stops it too.

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -60,8 +60,76 @@ def may_start_a_send(lease_ends: float, lease_seconds: float) -> bool:
 
 
 def bounded(text: str, limit: int = MAX_ERROR_TEXT) -> str:
-    """Error text cut to `limit` characters, so rows and logs stay bounded."""
+    """Error text the database can store, cut to `limit` characters so rows and logs stay bounded.
+
+    Transports write these texts, and PostgreSQL refuses NUL and lone surrogates
+    (text decoded with surrogateescape, as os.fsdecode does) in text: one such
+    text used to fail the record of its whole batch, whose mails were then all
+    sent again.
+    """
+    if "\x00" in text or not text.isascii():
+        text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's text for the attempt row, or its class name when it has none.
+
+    Guarded: an exception whose __str__ fails must still be recorded, as a
+    failure, with the rest of its batch.
+    """
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - any failure of a foreign __str__
+        text = ""
+    return text or type(exc).__name__
+
+
+def refusals(result: object) -> dict[str, list[Any]] | None:
+    """The attempt's `refused` record, {address: [code, text]}, from what a send returned.
+
+    A SendResult's `refused`, or a mapping of the same shape as smtplib's
+    sendmail() returns it (texts as bytes). Anything else returned is warned
+    about and recorded as a send without refusals. The send has happened: nothing
+    in its report may keep it from being recorded as sent (it used to dead-letter
+    the mail, and a resend then delivered it twice).
+    """
+    refused = result.refused if isinstance(result, SendResult) else result
+    if not refused:
+        return None
+    if not isinstance(refused, Mapping):
+        log.warning(
+            "the transport's send returned a %s, not a SendResult or None: recorded as sent",
+            type(result).__name__,
+        )
+        return None
+    return {bounded(str(address), 500): _refusal(reply) for address, reply in refused.items()}
+
+
+def awaitable_returned(result: object) -> ServerUnavailable:
+    """What a sync worker makes of a send that returned an awaitable: nothing was sent.
+
+    A coroutine transport behind a sync wrapper (an `async def send` is refused
+    when the Worker is made). Taken as the server being unavailable: the
+    delivery goes back without an attempt charged and the worker pauses, with
+    an error in the log, until the operator runs it under AsyncWorker.
+    """
+    close = getattr(result, "close", None)
+    if callable(close):
+        close()  # a coroutine never awaited warns when collected
+    text = "the transport's send returned an awaitable: a coroutine transport needs AsyncWorker"
+    log.error(text)
+    return ServerUnavailable(None, text)
+
+
+def _refusal(reply: Any) -> list[Any]:
+    try:
+        code, text = reply
+    except (TypeError, ValueError):
+        code, text = None, reply
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return [code if isinstance(code, int) else None, bounded(str(text), 500)]
 
 
 def classify(exc: BaseException) -> tuple[bool, Outcome]:
@@ -164,13 +232,10 @@ class DeliveryRules:
         self, claimed: ClaimedDelivery, started: float, result: SendResult | None
     ) -> Completion:
         """The Completion of a send that succeeded (possibly refusing some recipients)."""
-        refused = result.refused if result is not None else None
         attempt = AttemptRecord(
             Outcome.SENT,
             duration_seconds=time.monotonic() - started,
-            refused={a: [code, bounded(text, 500)] for a, (code, text) in refused.items()}
-            if refused
-            else None,
+            refused=None if result is None else refusals(result),
         )
         if log.isEnabledFor(logging.DEBUG):
             # Guarded: building the record's fields cost more than the check, per mail.
@@ -203,7 +268,7 @@ class DeliveryRules:
         if permanent is None:
             permanent = classified_permanent
         code = exc.code if isinstance(exc, SendError) else None
-        text = bounded(prefix + (str(exc) or type(exc).__name__))
+        text = bounded(prefix + describe(exc))
         attempt = AttemptRecord(
             outcome,
             duration_seconds=elapsed,
@@ -253,7 +318,7 @@ class DeliveryRules:
         so an outage longer than the retry budget dead-letters nothing.
         """
         elapsed = time.monotonic() - started
-        text = bounded(str(exc) or type(exc).__name__)
+        text = bounded(describe(exc))
         attempt = AttemptRecord(
             Outcome.TRANSIENT_FAILURE,
             duration_seconds=elapsed,
@@ -264,7 +329,9 @@ class DeliveryRules:
         )
         now = claimed.claimed_at + timedelta(seconds=elapsed)
         max_age = self.retry.max_age
-        if max_age is not None and now >= claimed.cycle_started_at + max_age:
+        # A difference, not cycle_started_at + max_age: a max_age meant as "never"
+        # (timedelta.max) would overflow the datetime (as in RetryPolicy.decide).
+        if max_age is not None and now - claimed.cycle_started_at >= max_age:
             return self.complete(
                 claimed, Status.DEAD_LETTERED, attempt, reason=bounded(f"max age exceeded: {text}")
             )
@@ -526,7 +593,7 @@ class WorkerSettings:
         claimed: ClaimedDelivery,
         started: float,
         result: SendResult | None = None,
-        exc: Exception | None = None,
+        exc: BaseException | None = None,
     ) -> Completion:
         """The Completion of a send that returned `result` or raised `exc`."""
         if exc is None:

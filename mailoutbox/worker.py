@@ -21,6 +21,7 @@ death.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import signal
 import threading
@@ -40,6 +41,7 @@ from .delivery import (
     TickReport,
     WorkerObserver,
     WorkerSettings,
+    awaitable_returned,
     bounded,
     check_worker_settings,
     completion_retry_delays,
@@ -78,6 +80,11 @@ class Worker(WorkerSettings):
     """
 
     def __init__(self, outbox: Outbox, transport: Transport, **settings: Any) -> None:
+        if inspect.iscoroutinefunction(getattr(transport, "send", None)):
+            # Never awaited on a send thread: every mail would fail unsent.
+            raise TypeError(
+                "the transport's send is a coroutine function: use mailoutbox.aio.AsyncWorker"
+            )
         super().__init__(transport, **settings)
         self.outbox = outbox
         self.store = outbox.store
@@ -261,8 +268,13 @@ class Worker(WorkerSettings):
                 return step
             try:
                 result = self.transport.send(step)
-            except Exception as exc:  # noqa: BLE001 - classified in outcome_of_send
+            except BaseException as exc:  # noqa: BLE001 - classified in outcome_of_send
+                # Not only Exception: whatever a transport raises on a send thread (a
+                # SystemExit out of a library, a gevent-style Timeout) is this delivery's
+                # failure; escaping, it lost the record of the whole batch.
                 return self.outcome_of_send(claimed, started, exc=exc)
+            if inspect.isawaitable(result):
+                return self.outcome_of_send(claimed, started, exc=awaitable_returned(result))
             return self.outcome_of_send(claimed, started, result)
         except Exception as exc:  # one delivery must never stop the others
             log.exception("unexpected error handling delivery %s", claimed.delivery_id)

@@ -8,8 +8,10 @@ nothing stays leased until another worker sends it again.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -201,3 +203,25 @@ def test_a_stop_asked_before_the_task_runs_ends_that_run(
 
     loop_thread.run(run_until_sent())
     assert len(transport.sent) == 1
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() arrived in 3.11")
+def test_a_cancelled_error_out_of_an_async_transport_fails_that_delivery_alone(
+    loop_thread: LoopThread, aoutbox: AsyncOutbox, sync_outbox: Outbox
+) -> None:
+    """A CancelledError that an async library leaks, while nobody cancels the worker, is
+    the send's failure: it used to lose the batch's record and end run() as cancelled."""
+    ids = [r.delivery_id for r in sync_outbox.enqueue_many([make_mail() for _ in range(3)])]
+    sent: list[uuid.UUID] = []
+
+    class LeakyTransport:
+        async def send(self, envelope: Envelope) -> None:
+            if envelope.delivery_id == ids[1]:
+                raise asyncio.CancelledError
+            sent.append(envelope.delivery_id)
+
+    worker = AsyncWorker(aoutbox, LeakyTransport(), batch_size=3)
+    report = loop_thread.run(worker.tick())
+    assert (report.claimed, report.sent, report.dead_lettered) == (3, 2, 1)
+    assert sorted(sent) == sorted([ids[0], ids[2]])
+    assert sync_outbox.get_delivery(ids[1]).status is Status.DEAD_LETTERED

@@ -590,6 +590,132 @@ def test_a_stop_asked_before_run_begins_ends_that_run(sync_outbox: Outbox) -> No
         wait_until(lambda: len(transport.sent) == 1, 10, "the mail to be sent")
 
 
+def test_what_a_transport_reports_is_stored_whatever_its_text_so_no_batch_is_lost(
+    outbox: Outbox,
+) -> None:
+    """Texts PostgreSQL refuses (NUL, a lone surrogate) and smtplib's bytes in `refused`
+    used to fail the record of the whole batch: every mail in it was sent again after
+    the lease. They are stored cleaned, and each mail is sent once."""
+    mails = [make_mail(to=[f"u{i}@example.com"]) for i in range(4)]
+    ids = [r.delivery_id for r in outbox.enqueue_many(mails)]
+    failures = {"u0@example.com": "nul \x00 byte", "u1@example.com": "lone \udcff surrogate"}
+
+    def handler(envelope: Envelope) -> SendResult | None:
+        recipient = envelope.recipients[0]
+        if recipient in failures:
+            raise PermanentSendError(550, failures[recipient])
+        if recipient == "u2@example.com":
+            # What smtplib's sendmail() returns for a refused recipient: bytes.
+            return SendResult(refused={"cc@example.com": (550, b"5.1.1 Unknown \xff")})  # type: ignore[dict-item]
+        return None
+
+    transport = MemoryTransport(handler)
+    report = worker(outbox, transport, batch_size=4).tick()
+    assert (report.claimed, report.sent, report.dead_lettered) == (4, 2, 2)
+    assert sorted(e.recipients[0] for e in transport.sent) == ["u2@example.com", "u3@example.com"]
+    [nul] = outbox.list_attempts(ids[0])
+    [surrogate] = outbox.list_attempts(ids[1])
+    [refusing] = outbox.list_attempts(ids[2])
+    assert nul.error == "550 nul \ufffd byte"
+    assert surrogate.error == "550 lone ? surrogate"
+    assert refusing.refused == {"cc@example.com": [550, "5.1.1 Unknown \ufffd"]}
+    assert outbox.get_delivery(ids[3]).status is Status.SENT
+
+
+class Abort(BaseException):
+    """Not an Exception: what a gevent-style Timeout or a library's SystemExit is."""
+
+
+def test_a_transport_raising_a_base_exception_fails_that_delivery_alone(outbox: Outbox) -> None:
+    """It used to escape the send thread: the batch went unrecorded (its sent mails were
+    sent again after the lease) and run() ended. Now it is that delivery's failure."""
+    ids = [r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(3)])]
+
+    def handler(envelope: Envelope) -> None:
+        if envelope.delivery_id == ids[1]:
+            raise Abort("out of time")
+
+    transport = MemoryTransport(handler)
+    w = worker(outbox, transport, batch_size=3)
+    report = w.tick()
+    assert (report.claimed, report.sent, report.dead_lettered) == (3, 2, 1)
+    [attempt] = outbox.list_attempts(ids[1])
+    assert (attempt.error_class, attempt.error) == ("Abort", "out of time")
+    outbox.enqueue(make_mail())
+    assert w.tick() == TickReport(claimed=1, sent=1)
+    assert len(transport.sent) == 3
+
+
+def test_a_send_returning_something_else_than_a_send_result_is_recorded_as_sent(
+    outbox: Outbox,
+) -> None:
+    """smtplib's sendmail() answers {} or {address: (code, bytes)}: the mail went out.
+    It used to be dead-lettered ("'dict' object has no attribute 'refused'"), and a
+    resend then delivered it twice."""
+    ids = [r.delivery_id for r in outbox.enqueue_many([make_mail() for _ in range(3)])]
+    answers: dict[uuid.UUID, object] = {
+        ids[0]: {},
+        ids[1]: {"cc@example.com": (550, b"No such user")},
+        ids[2]: "250 OK",
+    }
+    transport = MemoryTransport(lambda envelope: answers[envelope.delivery_id])  # type: ignore[arg-type, return-value]
+    report = worker(outbox, transport, batch_size=3).tick()
+    assert (report.claimed, report.sent) == (3, 3)
+    refused = [outbox.list_attempts(i)[0].refused for i in ids]
+    assert refused == [None, {"cc@example.com": [550, "No such user"]}, None]
+
+
+def test_a_never_ending_max_age_does_not_dead_letter_mail_while_the_server_is_down(
+    outbox: Outbox,
+) -> None:
+    """`max_age=timedelta.max` ("never") overflowed the datetime when the server was
+    unreachable, and the mail was dead-lettered instead of waiting for it."""
+    from mailoutbox import ServerUnavailable
+
+    enq = outbox.enqueue(make_mail())
+    never = RetryPolicy(max_age=timedelta.max)
+    report = worker(outbox, failing(ServerUnavailable(None, "refused")), retry=never).tick()
+    assert report.retried == 1 and report.dead_lettered == 0
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert (delivery.status, delivery.attempts) == (Status.RETRYING, 0)
+
+
+def test_the_sync_worker_refuses_a_coroutine_transport(sync_outbox: Outbox) -> None:
+    """Its send would never be awaited: every mail failed unsent."""
+
+    class AsyncTransport:
+        async def send(self, envelope: Envelope) -> None:
+            return None
+
+    with pytest.raises(TypeError, match="AsyncWorker"):
+        Worker(sync_outbox, AsyncTransport())  # type: ignore[arg-type]
+
+
+def test_a_send_that_returns_an_awaitable_is_awaited_or_handed_back(outbox: Outbox) -> None:
+    """A coroutine transport behind a sync wrapper: the async worker awaits what it
+    returns; the sync worker cannot, so it hands the mail back uncharged and pauses,
+    instead of dead-lettering the whole backlog unsent."""
+    enq = outbox.enqueue(make_mail())
+    delivered: list[Envelope] = []
+
+    async def deliver(envelope: Envelope) -> None:
+        delivered.append(envelope)
+
+    class WrappedTransport:
+        def send(self, envelope: Envelope) -> object:
+            return deliver(envelope)
+
+    report = worker(outbox, WrappedTransport()).tick()
+    delivery = outbox.get_delivery(enq.delivery_id)
+    if getattr(outbox, "is_async", False):
+        assert report == TickReport(claimed=1, sent=1)
+        assert [e.delivery_id for e in delivered] == [enq.delivery_id]
+        assert delivery.status is Status.SENT
+    else:
+        assert report.retried == 1 and report.dead_lettered == 0 and delivered == []
+        assert (delivery.status, delivery.attempts) == (Status.RETRYING, 0)
+
+
 def test_worker_rejects_nonsense_settings(outbox: Outbox) -> None:
     """Zero batch, zero concurrency or a non-positive lease are refused up front."""
     for kwargs in ({"batch_size": 0}, {"concurrency": 0}, {"lease": timedelta(0)}):
