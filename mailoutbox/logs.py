@@ -55,7 +55,13 @@ class AddressRedactor(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.INFO:
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call (wrong % arguments)
+            # Filters run outside the handler's guard: raising here would raise at the
+            # call site (inside a transport's send, a dead-lettered mail). The
+            # formatter meets the same error in emit(), which reports it as logging does.
+            return True
         redacted = redact_addresses(message)
         if redacted != message:
             record.msg, record.args = redacted, None
@@ -72,7 +78,10 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         timestamp = _timestamp(record)
-        line = f"{timestamp} {record.levelname} {record.name}: {record.getMessage()}"
+        # One record, one line: a line break in the message (a server's reply, a
+        # transport's error) would start a line no log shipper can attribute.
+        message = record.getMessage().replace("\r", "\\r").replace("\n", "\\n")
+        line = f"{timestamp} {record.levelname} {record.name}: {message}"
         context = context_of(record)
         if context:
             line += " " + " ".join(f"{k}={_text(v)}" for k, v in sorted(context.items()))

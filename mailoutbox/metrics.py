@@ -47,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         'mailoutbox metrics need prometheus-client: pip install "mailoutbox[metrics]"'
     ) from exc
 
+from .errors import driver_error, first_line
 from .schema import Outcome, Status
 
 if TYPE_CHECKING:
@@ -186,7 +187,13 @@ class OutboxCollector(Collector):
             except Exception as exc:  # noqa: BLE001 - a scrape must answer when the database does not
                 self._errors += 1
                 self._snapshot = None
-                log.warning("cannot read the queue state for metrics: %s", exc)
+                # One line, as the worker loop logs it (LoopBackoff): str() of a
+                # SQLAlchemy error carries the whole statement over several lines.
+                log.warning(
+                    "cannot read the queue state for metrics: %s: %s",
+                    type(driver_error(exc) or exc).__name__,
+                    first_line(exc),
+                )
                 return None
             self._snapshot = _Snapshot(counts, oldest, leased)
             self._taken_at = now

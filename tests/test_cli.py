@@ -953,6 +953,47 @@ def test_text_logs_show_context_and_mask_addresses_at_info() -> None:
     assert debug.endswith("DEBUG mailoutbox.test: to ann@example.com")
 
 
+def test_a_record_is_one_line_whatever_its_message_holds() -> None:
+    """A line break in a message (a server's reply, a transport's error) is escaped, so a
+    line-oriented log shipper sees one record; a traceback still follows on its lines."""
+    stream = io.StringIO()
+    setup = configure_logging("info", stream=stream)
+    try:
+        log = logging.getLogger("mailoutbox.test")
+        log.warning("451 rate limited\r\nretry later")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        setup.restore()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith("WARNING mailoutbox.test: 451 rate limited\\r\\nretry later")
+    assert lines[1].endswith("ERROR mailoutbox.test: failed")
+    assert lines[2] == "Traceback (most recent call last):"
+
+
+def test_a_malformed_log_call_does_not_raise_where_it_was_made(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The address filter formats the message first; with the wrong % arguments it raised
+    at the call site (inside a transport's send, the mail was dead-lettered). Logging's
+    own error report is what a malformed call gets, as without configure_logging."""
+    root = logging.getLogger()
+    setup = configure_logging("info", stream=io.StringIO())
+    # pytest's own capture handler fails a test on a malformed record: out of the way.
+    others = [h for h in root.handlers if h.get_name() != setup.handler.get_name()]
+    for handler in others:
+        root.removeHandler(handler)
+    try:
+        logging.getLogger("mailoutbox.test").warning("%s and %s", "only one")
+    finally:
+        for handler in others:
+            root.addHandler(handler)
+        setup.restore()
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
 def test_configure_logging_keeps_sqlalchemy_quiet() -> None:
     """Other libraries log at WARNING only (SQLAlchemy at INFO would print parameters)."""
     setup = configure_logging("debug", stream=io.StringIO())

@@ -165,6 +165,26 @@ def test_collector_failure_drops_the_gauges_and_counts_the_error() -> None:
     assert samples["mailoutbox_queue_scrape_errors_total"] == 1
 
 
+def test_a_failed_read_of_the_database_is_logged_on_one_line(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SQLAlchemy error's text carries its statement over several lines; the warning
+    gives the driver's first line, as the worker loop does."""
+    elsewhere = sa.create_engine(engine.url.set(database="mailoutbox_no_such_database"))
+    observer = PrometheusObserver()
+    observer.watch(Outbox(elsewhere, schema=SCHEMA))
+    try:
+        with caplog.at_level("WARNING", logger="mailoutbox.metrics"):
+            list(observer.registry.collect())
+    finally:
+        elsewhere.dispose()
+    [record] = [r for r in caplog.records if r.name == "mailoutbox.metrics"]
+    message = record.getMessage()
+    assert "\n" not in message and "sqlalche.me" not in message
+    assert message.startswith("cannot read the queue state for metrics: OperationalError: ")
+    assert "mailoutbox_no_such_database" in message
+
+
 def test_endpoint_exposes_worker_and_queue_metrics_after_a_tick(outbox: Outbox) -> None:
     """Scraping start_metrics_server after a tick shows the attempts and the queue state."""
     outbox.enqueue_many([make_mail(), make_mail()])
