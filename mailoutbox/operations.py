@@ -477,11 +477,19 @@ def complete(t: Tables, completions: Sequence[Completion]) -> Plan[set[uuid.UUID
 
 
 def release(t: Tables, delivery_ids: Sequence[uuid.UUID], claim_token: uuid.UUID) -> Plan[int]:
-    """Hand unsent leased deliveries back as due now; answer how many were released."""
+    """Hand unsent leased deliveries back as due now; answer how many were released.
+
+    Listening workers are woken once the transaction commits: otherwise a worker
+    that stops (a rolling deploy) leaves its handed-back mail to the others' next
+    poll, only an update away from where an enqueue's trigger would have notified.
+    """
     if not delivery_ids:
         return 0
     params = {"delivery_ids": list(delivery_ids), "token": claim_token}
-    return int((yield Query(st.release_claimed(t), params, "rowcount", arrays=True)))
+    released = int((yield Query(st.release_claimed(t), params, "rowcount", arrays=True)))
+    if released:
+        yield from notify_due(t)
+    return released
 
 
 def get_delivery(t: Tables, delivery_id: uuid.UUID) -> Plan[Delivery | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import email.parser
 import email.policy
 import logging
@@ -496,6 +497,39 @@ def test_run_poll_only_finds_mail_without_listen(outbox: Outbox) -> None:
         while not transport.sent and time.monotonic() < deadline:
             time.sleep(0.02)
     assert len(transport.sent) == 1
+
+
+def test_mail_handed_back_wakes_a_listening_worker(db_url: sa.URL, outbox: Outbox) -> None:
+    """A worker that hands mail back unsent (stopping, or paused by a mail server outage)
+    notifies: a listening worker takes the mail at once. It used to wait for that
+    worker's next poll, a minute here."""
+    from mailoutbox import ServerUnavailable
+
+    outbox.enqueue_many([make_mail() for _ in range(5)])
+    other = MemoryTransport()
+    watcher = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    listening = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'LISTEN %'"
+    )
+
+    def listeners() -> int:
+        with watcher.connect() as conn:
+            return int(conn.execute(listening).scalar_one())
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(watcher.dispose)
+
+        def outage(envelope: Envelope) -> None:
+            # Every mail is leased here now: the other worker starts, finds none, listens.
+            stack.enter_context(running(worker(outbox, other, poll_interval=timedelta(seconds=60))))
+            wait_until(lambda: listeners() == 1, 10, "the other worker's LISTEN")
+            time.sleep(0.5)  # past its first tick
+            raise ServerUnavailable(None, "connection refused")
+
+        report = worker(outbox, MemoryTransport(outage), batch_size=5, concurrency=1).tick()
+        assert (report.claimed, report.retried, report.released) == (5, 1, 4)
+        wait_until(lambda: len(other.sent) == 4, 10, "the handed-back mail to be sent")
 
 
 def stop_with_two_sends_in_flight(outbox: Outbox, mails: int) -> MemoryTransport:
