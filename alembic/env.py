@@ -77,7 +77,14 @@ def _run_on(connection: sa.Connection) -> None:
         {"key": f"mailoutbox.migrate.{schema}"},
     )
     # The version table lives in our schema, which must exist before alembic looks for it.
-    connection.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    # Created only when missing: PostgreSQL checks the database's CREATE privilege before
+    # IF NOT EXISTS, and a role that owns its schema (made by a DBA) need not have it.
+    exists = connection.execute(
+        sa.text("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = :schema)"),
+        {"schema": schema},
+    ).scalar_one()
+    if not exists:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     _configure(connection=connection)
     with context.begin_transaction():
         context.run_migrations()

@@ -116,9 +116,30 @@ def require_current(connection: sa.Connection, schema: str = DEFAULT_SCHEMA) -> 
     )
 
 
+@contextlib.contextmanager
+def _hosts_alembic_kept() -> Iterator[None]:
+    """Puts a host's running alembic environment back once ours has run.
+
+    Alembic keeps the running migration's environment in module globals
+    (`alembic.context`, `alembic.op`), and a finished run clears them. So
+    migrate() called from a host's env.py, or from a host revision's upgrade(),
+    left the host's own run without them ("'NoneType' object has no attribute
+    'configure'"), and the host's whole migration failed.
+    """
+    from alembic import context, op
+
+    running = [getattr(module, "_proxy", None) for module in (context, op)]
+    try:
+        yield
+    finally:
+        for proxy in running:
+            if proxy is not None:
+                proxy._install_proxy()
+
+
 def _run(engine: sa.Engine | sa.Connection, schema: str, action: Callable[[Config], None]) -> None:
     validate_schema_name(schema)
-    with _alembic_lock, script_location() as location:
+    with _alembic_lock, _hosts_alembic_kept(), script_location() as location:
         if isinstance(engine, sa.Connection):
             action(alembic_config(engine, schema, location))
             return

@@ -89,6 +89,89 @@ def test_host_alembic_history_is_untouched(empty_engine: sa.Engine) -> None:
     assert ours == ["0004"]
 
 
+HOST_ENV = """
+import sqlalchemy as sa
+from alembic import context
+
+import mailoutbox
+
+engine = sa.create_engine(context.config.get_main_option("sqlalchemy.url"))
+with engine.begin() as connection:
+    mailoutbox.migrate(connection, schema="outbox_from_env")
+    context.configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
+"""
+
+HOST_REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+import mailoutbox
+
+revision = "h001"
+down_revision = None
+
+
+def upgrade():
+    mailoutbox.migrate(op.get_bind(), schema="outbox_from_step")
+    op.create_table("host_orders", sa.Column("id", sa.Integer, primary_key=True))
+"""
+
+
+def test_migrate_inside_a_hosts_own_alembic_run_leaves_that_run_working(
+    empty_db_url: sa.URL, empty_engine: sa.Engine, tmp_path: Path
+) -> None:
+    """The README offers migrate() from a host's env.py or migration step. Alembic keeps
+    the running environment in module globals, and ours used to clear the host's: its
+    `context.configure` and `op.create_table` met None, and its whole upgrade failed."""
+    from alembic.config import Config
+
+    from alembic import command
+
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "env.py").write_text(HOST_ENV)
+    (tmp_path / "versions" / "h001_orders.py").write_text(HOST_REVISION)
+    config = Config()
+    config.set_main_option("script_location", str(tmp_path))
+    config.set_main_option("sqlalchemy.url", empty_db_url.render_as_string(hide_password=False))
+    command.upgrade(config, "head")
+    assert "host_orders" in tables_in(empty_engine, "public")
+    assert tables_in(empty_engine, "outbox_from_env") >= OUR_TABLES
+    assert tables_in(empty_engine, "outbox_from_step") >= OUR_TABLES
+    with empty_engine.connect() as conn:
+        host = conn.execute(sa.text("SELECT version_num FROM public.alembic_version")).scalars()
+        assert host.all() == ["h001"]
+
+
+def test_a_role_that_owns_its_schema_migrates_without_create_on_the_database(
+    empty_db_url: sa.URL, empty_engine: sa.Engine
+) -> None:
+    """Least privilege: a DBA makes the schema for the application's role, which may not
+    create schemas. migrate() used to need that privilege even with the schema at head."""
+    role = f"mailoutbox_app_{os.getpid()}"
+    with empty_engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+        conn.execute(sa.text(f'CREATE SCHEMA app_mail AUTHORIZATION "{role}"'))
+    app = sa.create_engine(empty_db_url.set(username=role), poolclass=sa.pool.NullPool)
+    try:
+        with app.connect() as conn:
+            may_create = conn.execute(
+                sa.text("SELECT has_database_privilege(current_database(), 'CREATE')")
+            ).scalar_one()
+        assert may_create is False
+        mailoutbox.migrate(app, schema="app_mail")
+        mailoutbox.migrate(app, schema="app_mail")
+        assert tables_in(app, "app_mail") == OUR_TABLES | {VERSION_TABLE}
+        assert Outbox(app, schema="app_mail", default_sender="a@example.com").enqueue(make_mail())
+    finally:
+        app.dispose()
+        with empty_engine.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA app_mail CASCADE"))
+            conn.execute(sa.text(f'DROP ROLE "{role}"'))
+
+
 def test_migrate_on_callers_connection_joins_its_transaction(empty_engine: sa.Engine) -> None:
     """With a Connection, migrate runs in the caller's transaction and rolls back with it."""
     with empty_engine.connect() as conn:
