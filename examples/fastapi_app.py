@@ -1,12 +1,16 @@
 """A FastAPI service that writes an order and enqueues its confirmation in one transaction.
 
-Run it (with a migrated database):
+Run it (with a migrated database; the app creates its `orders` table at start-up):
 
+    pip install uvicorn
     DATABASE_URL=postgresql+psycopg://app@localhost/app uvicorn examples.fastapi_app:app
 
 The order row and the mail commit together or not at all; a worker (here an
 AsyncWorker started with the app, or a `mailoutbox worker` process) delivers the
-mail once the transaction commits.
+mail once the transaction commits. The transaction is the handler's own, not a
+dependency's: FastAPI runs a dependency's code after `yield` once the response has
+been sent, so a commit that failed there would follow a 201 for an order (and a
+mail) that do not exist.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mailoutbox import Mail
 from mailoutbox.aio import AsyncOutbox, AsyncWorker
@@ -49,6 +53,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
         worker_task = None
         if transport is not None:
             worker = AsyncWorker(outbox, transport)
@@ -64,42 +70,41 @@ def create_app(
 
     app = FastAPI(lifespan=lifespan)
 
-    async def transaction() -> AsyncIterator[AsyncConnection]:
-        async with engine.begin() as conn:  # commits when the handler returns, else rolls back
-            yield conn
-
-    in_transaction = Depends(transaction)
-
     @app.post("/orders", status_code=201)
-    async def place_order(order: OrderIn, conn: Any = in_transaction) -> dict[str, Any]:
-        order_id = (
-            await conn.execute(
-                orders.insert().values(email=order.email, item=order.item).returning(orders.c.id)
-            )
-        ).scalar_one()
-        if order.item == "out-of-stock":
-            # Raising rolls back the order *and* the mail enqueued with it.
-            await outbox.enqueue(
+    async def place_order(order: OrderIn) -> dict[str, Any]:
+        # Committed when the block ends, before the response; an exception (the
+        # HTTPException below, or the COMMIT failing) rolls back the order and its mail.
+        async with engine.begin() as conn:
+            order_id = (
+                await conn.execute(
+                    orders.insert()
+                    .values(email=order.email, item=order.item)
+                    .returning(orders.c.id)
+                )
+            ).scalar_one()
+            if order.item == "out-of-stock":
+                # Raising rolls back the order *and* the mail enqueued with it.
+                await outbox.enqueue(
+                    Mail(
+                        template_id="order-confirmation",
+                        idempotency_key=f"order-{order_id}",
+                        to=[order.email],
+                        subject="never sent",
+                        text="-",
+                    ),
+                    connection=conn,
+                )
+                raise HTTPException(status_code=409, detail="out of stock")
+            enqueued = await outbox.enqueue(
                 Mail(
                     template_id="order-confirmation",
                     idempotency_key=f"order-{order_id}",
                     to=[order.email],
-                    subject="never sent",
-                    text="-",
+                    subject=f"Order {order_id} confirmed",
+                    text=f"Thanks for ordering {order.item}.",
                 ),
                 connection=conn,
             )
-            raise HTTPException(status_code=409, detail="out of stock")
-        enqueued = await outbox.enqueue(
-            Mail(
-                template_id="order-confirmation",
-                idempotency_key=f"order-{order_id}",
-                to=[order.email],
-                subject=f"Order {order_id} confirmed",
-                text=f"Thanks for ordering {order.item}.",
-            ),
-            connection=conn,
-        )
         return {"order_id": order_id, "delivery_id": str(enqueued.delivery_id)}
 
     return app

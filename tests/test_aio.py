@@ -177,13 +177,12 @@ def test_fastapi_example_commits_order_and_mail_together(
     from examples.fastapi_app import create_app
 
     with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE orders"))
-        conn.execute(sa.text("CREATE TABLE orders (id serial PRIMARY KEY, email text, item text)"))
+        conn.execute(sa.text("DROP TABLE orders"))  # the fixture's, of another shape
     transport = MemoryTransport()
     app = create_app(aengine, transport)
 
     async def body() -> tuple[httpx.Response, httpx.Response]:
-        async with app.router.lifespan_context(app):
+        async with app.router.lifespan_context(app):  # creates the orders table
             client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
             async with client:
                 ok = await client.post("/orders", json={"email": "a@example.com", "item": "mug"})
@@ -206,3 +205,44 @@ def test_fastapi_example_commits_order_and_mail_together(
     [envelope] = transport.sent
     assert envelope.recipients == ("a@example.com",)
     assert b"Subject: Order 1 confirmed" in envelope.message
+
+
+def test_fastapi_example_answers_only_once_the_order_and_mail_are_committed(
+    loop_thread: LoopThread, aengine: AsyncEngine, engine: sa.Engine, sync_outbox: Outbox
+) -> None:
+    """A COMMIT that fails (here a deferred check) must not follow a 201: the example's
+    transaction used to be a dependency's, committed after the response was sent."""
+    from examples.fastapi_app import create_app
+
+    app = create_app(aengine)
+
+    async def body() -> httpx.Response:
+        async with app.router.lifespan_context(app):
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                base_url="http://t",
+            )
+            async with client:
+                return await client.post("/orders", json={"email": "c@example.com", "item": "boom"})
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE orders"))  # the fixture's, of another shape
+        conn.execute(sa.text("CREATE TABLE orders (id serial PRIMARY KEY, email text, item text)"))
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION refuse_boom() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN IF NEW.item = 'boom' THEN RAISE EXCEPTION 'refused at commit'; END IF;"
+                " RETURN NULL; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE CONSTRAINT TRIGGER refuse_boom AFTER INSERT ON orders"
+                " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_boom()"
+            )
+        )
+    response = loop_thread.run(body())
+    assert response.status_code == 500
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM orders")).scalar_one() == 0
+    assert sync_outbox.list_deliveries().total == 0
