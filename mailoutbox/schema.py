@@ -189,8 +189,9 @@ def _tables_for(schema: str) -> Tables:
         sa.CheckConstraint(_in("status", tuple(Status)), name="mail_deliveries_status_check"),
         sa.CheckConstraint("template_id <> ''", name="mail_deliveries_template_id_check"),
         sa.CheckConstraint("idempotency_key <> ''", name="mail_deliveries_idempotency_key_check"),
-        # Claimed rows are rewritten several times; room on the page keeps those updates HOT.
-        postgresql_with={"fillfactor": "80"},
+        # Migration 0001 sets fillfactor 80: claimed rows are rewritten several times, and
+        # room on the page keeps those updates HOT. (Not `postgresql_with` here: that
+        # argument arrived in SQLAlchemy 2.1, and 2.0 refuses the whole table.)
     )
     # The claim query's indexes: only rows a worker may still need, in claim order,
     # so their size tracks the backlog and the leases, not the history of sent mail.

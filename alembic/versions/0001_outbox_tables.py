@@ -80,8 +80,10 @@ def upgrade() -> None:
         sa.CheckConstraint("template_id <> ''", name="mail_deliveries_template_id_check"),
         sa.CheckConstraint("idempotency_key <> ''", name="mail_deliveries_idempotency_key_check"),
         schema=schema,
-        postgresql_with={"fillfactor": "80"},
     )
+    # Claimed rows are rewritten several times; room on the page keeps those updates HOT.
+    # A statement of its own, as SQLAlchemy 2.0 has no `postgresql_with` for tables.
+    op.execute(f'ALTER TABLE "{schema}".mail_deliveries SET (fillfactor = 80)')
     op.create_index(
         "mail_deliveries_due_idx",
         "mail_deliveries",
