@@ -27,6 +27,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -51,6 +52,8 @@ from mailoutbox.worker import Worker
 
 APPLICATION_NAME = "mailoutbox-fault-worker"
 HOOKS = ("claimed", "sending", "replied", "completing", "committing")
+# Written to the log once SIGTERM stops the worker gracefully (harness.Workers.stop_all).
+READY = "fault worker ready"
 
 
 def peak_rss_kib() -> int:
@@ -202,7 +205,12 @@ def main() -> None:
         poll_interval=timedelta(seconds=args.poll),
         name=args.name,
     )
-    worker.run()
+    # Ready: from here a SIGTERM is a graceful stop (run() takes over the handler). Before,
+    # one arriving while the process still imports ends it with -15 (Workers.stop_all waits).
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    print(READY, file=sys.stderr, flush=True)
+    worker.run(stop)
     engine.dispose()
     if args.stats:
         with open(args.stats, "a") as f:

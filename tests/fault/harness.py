@@ -86,7 +86,20 @@ class Workers:
         return self.procs[name].wait(timeout)
 
     def stop_all(self, timeout: float = 30) -> dict[str, int | None]:
-        """SIGTERM every live worker and collect exit codes (SIGKILL after `timeout`)."""
+        """SIGTERM every live worker and collect exit codes (SIGKILL after `timeout`).
+
+        A worker started a moment ago may still be importing, and a SIGTERM then ends
+        it with -15: each is given until `timeout` to say it is ready first.
+        """
+        from .fault_worker import READY
+
+        for name, proc in self.procs.items():
+            log = self.log_dir / f"{name}.log"
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                if READY in log.read_text(errors="replace"):
+                    break
+                time.sleep(0.05)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
