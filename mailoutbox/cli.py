@@ -37,7 +37,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
@@ -1126,6 +1128,11 @@ def demo(
     from .logs import configure_logging
 
     ctx.call_on_close(configure_logging(log_level).restore)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a `timeout`, a CI runner) ends the demo as Ctrl-C does, so its
+        # server and schema go with it; by default it killed the process on the spot.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
     state = ctx.find_object(_State)
     if state is not None and database_url is not None:
         state.url_text = database_url.render_as_string(hide_password=True)
@@ -1141,6 +1148,10 @@ def demo(
     )
     if not result.ok:
         raise click.exceptions.Exit(EXIT_FAILED)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -14,6 +14,7 @@ setting in (see cli.py).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .devsink import DevSink
+from .logs import format_duration
 from .mail import Mail
 from .migrations import migrate
 from .outbox import Outbox
@@ -57,6 +59,8 @@ DEMO_RETRY = RetryPolicy(
 )
 ENQUEUE_CHUNK = 500
 ACTIVE = (Status.PENDING, Status.RETRYING, Status.SENDING)
+# duplicate_schema; unique_violation when another session creates it at the same moment.
+_DUPLICATE_SCHEMA = ("42P06", "23505")
 
 
 class DemoError(Exception):
@@ -214,6 +218,9 @@ def run_demo(
     console = console or Console()
     if count < 1:
         raise DemoError("--count must be at least 1")
+    if importlib.util.find_spec("aiosmtpd") is None:
+        # Found before any database is touched (the sink starts after the migration).
+        raise DemoError('the demo\'s SMTP sink needs aiosmtpd: pip install "mailoutbox[demo]"')
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         if database_url is None:
@@ -267,11 +274,21 @@ def _embedded() -> Iterator[sa.URL]:
 
 
 def _claim_schema(engine: sa.Engine, schema: str) -> None:
-    if schema in sa.inspect(engine).get_schema_names():
+    """Create the demo's schema, or refuse one that exists.
+
+    One statement: a look before creating let two demos on one database both
+    take the same schema, and the first to finish dropped it under the other.
+    """
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.schema.CreateSchema(schema))
+    except sa.exc.DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) not in _DUPLICATE_SCHEMA:
+            raise
         raise DemoError(
             f"schema {schema!r} exists already in that database; the demo needs a schema of "
             "its own, which it drops afterwards: pass another --schema"
-        )
+        ) from None
 
 
 def _drop_schema(engine: sa.Engine, schema: str) -> None:
@@ -412,7 +429,7 @@ def _checks(
         Check(
             "the worker drained the outbox",
             drained,
-            "" if drained else f"deliveries still active after {timeout:.0f}s",
+            "" if drained else f"deliveries still active after {format_duration(timeout)}",
         ),
         Check(
             "duplicate keys collapsed into the first delivery",

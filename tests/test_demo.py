@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
@@ -110,6 +111,63 @@ def test_demo_on_embedded_postgres_delivers_everything_and_leaves_nothing_behind
     assert list(demo_tmpdir.glob("mailoutbox-demo-pg-*")) == []
 
 
+@pytest.mark.parametrize(
+    ("after", "signals"),
+    [
+        ("Starting an embedded PostgreSQL", (signal.SIGINT,)),
+        ("SMTP sink", (signal.SIGINT, signal.SIGINT)),
+        ("SMTP sink", (signal.SIGTERM,)),
+    ],
+    ids=["ctrl-c-while-the-server-starts", "ctrl-c-twice", "sigterm"],
+)
+def test_an_interrupted_demo_leaves_no_server_and_no_directory(
+    demo_tmpdir: Path, after: str, signals: tuple[signal.Signals, ...]
+) -> None:
+    """Ctrl-C (to the whole group, as a terminal sends it) while initdb or pg_ctl runs, a
+    second Ctrl-C during the clean-up, or a SIGTERM: each used to leave a running server
+    or its data directory behind."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "MAILOUTBOX_TEST_DATABASE_URL", "MAILOUTBOX_SCHEMA")
+    }
+    env.update(PYTHONPATH=str(REPO), TMPDIR=str(demo_tmpdir), PYTHONUNBUFFERED="1")
+    with subprocess.Popen(
+        [sys.executable, "-m", "mailoutbox.cli", "demo", "--count", "20000"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        _interrupt(process, after, signals)
+    assert demo_servers(demo_tmpdir) == {}
+    assert list(demo_tmpdir.glob("mailoutbox-demo-pg-*")) == []
+
+
+def _interrupt(
+    process: subprocess.Popen[str], after: str, signals: tuple[signal.Signals, ...]
+) -> None:
+    """Signal the demo's process group once `after` is printed; check it ends with 130."""
+    try:
+        assert process.stdout is not None
+        output = ""
+        while after not in output:
+            line = process.stdout.readline()
+            assert line, f"the demo ended before {after!r}: {output}"
+            output += line
+        time.sleep(0.3)
+        for number in signals:
+            os.killpg(process.pid, number)
+            time.sleep(0.15)
+        assert process.wait(timeout=60) == 130, output + process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_demo_on_a_given_database_drops_its_schema(empty_db_url: sa.URL) -> None:
     """With --database-url the demo works in schema mailoutbox_demo and drops it afterwards."""
     url = empty_db_url.render_as_string(hide_password=False)
@@ -148,12 +206,63 @@ def test_demo_refuses_a_schema_that_exists(db_url: sa.URL) -> None:
         engine.dispose()
 
 
+def test_two_demos_never_share_a_schema(empty_db_url: sa.URL) -> None:
+    """The schema is claimed by creating it: a look before creating let two demos take
+    the same one, and the first to finish dropped it under the other."""
+    from mailoutbox.demo import DemoError, _claim_schema
+
+    engine = sa.create_engine(empty_db_url, pool_size=2)
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def claim() -> None:
+        start.wait(10)
+        try:
+            _claim_schema(engine, "mailoutbox_demo")
+            outcomes.append("claimed")
+        except DemoError:
+            outcomes.append("refused")
+
+    try:
+        for _ in range(5):
+            with engine.begin() as conn:
+                conn.execute(sa.text("DROP SCHEMA IF EXISTS mailoutbox_demo"))
+            threads = [threading.Thread(target=claim) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+        assert Counter(outcomes) == {"claimed": 5, "refused": 5}
+    finally:
+        engine.dispose()
+
+
+def test_demo_without_its_smtp_sink_says_what_to_install_before_touching_the_database(
+    empty_db_url: sa.URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain install (no `demo` extra) given a database URL printed a traceback."""
+    monkeypatch.setitem(sys.modules, "aiosmtpd", None)
+    url = empty_db_url.render_as_string(hide_password=False)
+    result = run_cli("demo", "--database-url", url, "--count", "10")
+    assert result.exit_code == 1
+    assert result.stderr == (
+        'error: the demo\'s SMTP sink needs aiosmtpd: pip install "mailoutbox[demo]"\n'
+    )
+    engine = sa.create_engine(empty_db_url, poolclass=sa.pool.NullPool)
+    try:
+        assert "mailoutbox_demo" not in sa.inspect(engine).get_schema_names()
+    finally:
+        engine.dispose()
+
+
 def test_demo_exits_1_when_deliveries_miss_their_expected_state(empty_db_url: sa.URL) -> None:
     """A demo whose worker cannot finish in time reports the failed checks and exits 1."""
     url = empty_db_url.render_as_string(hide_password=False)
     result = run_cli("demo", "--database-url", url, "--count", "500", "--timeout", "0.01s")
     assert result.exit_code == 1, result.output
-    assert "FAIL the worker drained the outbox" in result.stdout
+    assert "FAIL the worker drained the outbox (deliveries still active after 0.0s)" in (
+        result.stdout
+    )
 
 
 def test_demo_on_unreachable_database_exits_3() -> None:
