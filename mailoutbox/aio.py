@@ -257,6 +257,9 @@ class AsyncOutbox(OutboxSettings):
     async def count_by_status(self) -> dict[Status, int]:
         return await self._read(ops.count_by_status(self.tables))
 
+    async def count_active(self) -> dict[Status, int]:
+        return await self._read(ops.count_active(self.tables))
+
     async def queue_health(self) -> tuple[float, int]:
         return await self._read(ops.queue_health(self.tables))
 

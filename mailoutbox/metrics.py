@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 from .errors import driver_error, first_line
-from .schema import Outcome, Status
+from .schema import TERMINAL_STATUSES, Outcome, Status
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -159,14 +159,25 @@ class OutboxCollector(Collector):
     several scrapers do not multiply the queries. A failed read is logged
     and counted (mailoutbox_queue_scrape_errors_total), and the queue gauges
     are left out of that scrape rather than reporting stale values.
+
+    The finished states (sent, dead_lettered, cancelled) are counted over the
+    whole table, at most every `finished_interval` seconds; every scrape counts
+    the other three from the partial indexes. Counting all six at each scrape
+    read the whole history, 160-210 ms at a million sent deliveries, in every
+    worker process.
     """
 
-    def __init__(self, outbox: Outbox, *, min_interval: float = 2.0) -> None:
+    def __init__(
+        self, outbox: Outbox, *, min_interval: float = 2.0, finished_interval: float = 60.0
+    ) -> None:
         self.outbox = outbox
         self.min_interval = min_interval
+        self.finished_interval = finished_interval
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
         self._taken_at = 0.0
+        self._finished: dict[Status, int] | None = None
+        self._finished_at = 0.0
         self._errors = 0
 
     def describe(self) -> Iterable[Metric]:
@@ -182,7 +193,7 @@ class OutboxCollector(Collector):
             if self._snapshot is not None and now - self._taken_at < self.min_interval:
                 return self._snapshot
             try:
-                counts = self.outbox.count_by_status()
+                counts = self._counts(now)
                 oldest, leased = self.outbox.queue_health()
             except Exception as exc:  # noqa: BLE001 - a scrape must answer when the database does not
                 self._errors += 1
@@ -198,6 +209,14 @@ class OutboxCollector(Collector):
             self._snapshot = _Snapshot(counts, oldest, leased)
             self._taken_at = now
             return self._snapshot
+
+    def _counts(self, now: float) -> dict[Status, int]:
+        if self._finished is not None and now - self._finished_at < self.finished_interval:
+            return {**self._finished, **self.outbox.count_active()}
+        counts = self.outbox.count_by_status()
+        self._finished = {status: counts[status] for status in TERMINAL_STATUSES}
+        self._finished_at = now
+        return counts
 
     def _families(self, snapshot: _Snapshot | None, *, describe: bool) -> Iterable[Metric]:
         deliveries = GaugeMetricFamily(

@@ -37,7 +37,7 @@ from .records import (
     Payload,
     Recipient,
 )
-from .schema import WAITING_STATUSES, Kind, Outcome, Status, Tables
+from .schema import ACTIVE_STATUSES, WAITING_STATUSES, Kind, Outcome, Status, Tables
 
 T = TypeVar("T")
 Fetch = Literal["all", "scalars", "rowcount", "none"]
@@ -571,6 +571,14 @@ def list_dead_letters(t: Tables, *, offset: int, limit: int) -> Plan[tuple[list[
 
 def count_by_status(t: Tables) -> Plan[dict[Status, int]]:
     return status_counts((yield Query(st.count_by_status(t))))
+
+
+def count_active(t: Tables) -> Plan[dict[Status, int]]:
+    """Deliveries pending, retrying and sending; every one of the three present."""
+    counts = {status: 0 for status in ACTIVE_STATUSES}
+    for status, count in (yield Query(st.count_active(t))):
+        counts[Status(status)] = int(count)
+    return counts
 
 
 def queue_health(t: Tables) -> Plan[tuple[float, int]]:

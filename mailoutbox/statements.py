@@ -840,6 +840,28 @@ def count_by_status(t: Tables) -> sa.Executable:
 
 
 @functools.lru_cache(maxsize=32)
+def count_active(t: Tables) -> sa.CompoundSelect[Any]:
+    """(status, count) of the deliveries a worker may still act on: pending, retrying, sending.
+
+    Each part matches a partial index's predicate (the due index, the leased
+    index), so the count costs the backlog, not the history: count_by_status
+    reads the whole table, sent mail included.
+    """
+    d = t.deliveries
+    waiting = (
+        sa.select(d.c.status, sa.func.count())
+        .where(_status_in(d.c.status, WAITING_STATUSES))
+        .group_by(d.c.status)
+    )
+    leased = (
+        sa.select(d.c.status, sa.func.count())
+        .where(d.c.status == _lit(Status.SENDING))
+        .group_by(d.c.status)
+    )
+    return sa.union_all(waiting, leased)
+
+
+@functools.lru_cache(maxsize=32)
 def select_queue_health(t: Tables) -> sa.Select[Any]:
     """Age in seconds of the oldest due delivery (0 when none), and leases in flight.
 

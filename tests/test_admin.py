@@ -133,6 +133,25 @@ def test_count_by_status_includes_every_state(engine: sa.Engine, outbox: Outbox)
     assert sum(counts.values()) == 2
 
 
+def test_count_active_gives_the_three_states_a_worker_acts_on(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    """Pending, retrying and sending, as count_by_status counts them; finished mail is
+    not read (metrics count it once a minute)."""
+    from mailoutbox.schema import ACTIVE_STATUSES
+
+    assert outbox.count_active() == dict.fromkeys(ACTIVE_STATUSES, 0)
+    finish(engine, outbox, Status.DEAD_LETTERED, Outcome.PERMANENT_FAILURE, "550")
+    finish(engine, outbox, Status.RETRYING, Outcome.TRANSIENT_FAILURE, "451")
+    outbox.enqueue_many([make_mail() for _ in range(3)])
+    claim(engine, outbox, limit=1)
+    counts = outbox.count_by_status()
+    assert outbox.count_active() == {status: counts[status] for status in ACTIVE_STATUSES}
+    # The claim took one of the four waiting mails, perhaps the retry (due at once).
+    assert counts[Status.SENDING] == 1
+    assert counts[Status.PENDING] + counts[Status.RETRYING] == 3 and counts[Status.PENDING] >= 2
+
+
 def test_queue_health_counts_an_expired_lease_as_due(engine: sa.Engine, outbox: Outbox) -> None:
     """Mail a dead worker left leased is due (the next claim takes it first), so the oldest
     due age, what the README says to alert on, must grow while it waits; a live lease is

@@ -64,12 +64,17 @@ class FakeOutbox:
     def __init__(self, *, fail: bool = False) -> None:
         self.fail = fail
         self.reads = 0
+        self.active_reads = 0
 
     def count_by_status(self) -> dict[Status, int]:
         self.reads += 1
         if self.fail:
             raise ConnectionError("database down")
         return {s: (3 if s is Status.PENDING else 0) for s in Status}
+
+    def count_active(self) -> dict[Status, int]:
+        self.active_reads += 1
+        return {Status.PENDING: 5, Status.RETRYING: 1, Status.SENDING: 2}
 
     def queue_health(self) -> tuple[float, int]:
         return 12.5, 2
@@ -146,6 +151,28 @@ def test_collector_reuses_a_recent_read() -> None:
     list(collector.collect())
     list(collector.collect())
     assert outbox.reads == 1
+
+
+def test_collector_counts_the_whole_table_only_once_a_minute() -> None:
+    """Each read counts the three states a worker acts on (from the partial indexes); the
+    whole-table count, sent history included, runs at most every finished_interval."""
+    outbox = FakeOutbox()
+    collector = OutboxCollector(outbox, min_interval=0, finished_interval=60)  # type: ignore[arg-type]
+    samples = [
+        {
+            s.labels["status"]: s.value
+            for f in collector.collect()
+            for s in f.samples
+            if s.name == "mailoutbox_deliveries"
+        }
+        for _ in range(3)
+    ]
+    assert (outbox.reads, outbox.active_reads) == (1, 2)
+    assert samples[0]["pending"] == 3 and samples[2]["pending"] == 5
+    assert samples[2]["sending"] == 2 and samples[2]["sent"] == 0
+    collector.finished_interval = 0
+    list(collector.collect())
+    assert outbox.reads == 2
 
 
 def test_collector_registration_does_not_query() -> None:

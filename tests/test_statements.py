@@ -133,6 +133,19 @@ def test_queue_health_reads_only_the_partial_indexes_on_a_large_history(
     assert "Seq Scan on mail_deliveries" not in plan, plan
 
 
+def test_count_active_reads_only_the_partial_indexes_on_a_large_history(
+    engine: sa.Engine,
+) -> None:
+    """Every metrics scrape counts the active states: it must not scan the sent history
+    (counting all six did: 160-210 ms at a million sent rows)."""
+    with engine.begin() as conn:
+        _fill_with_sent_history(conn)
+        plan = _explain(conn, st.count_active(T), {})
+    assert "mail_deliveries_due_idx" in plan, plan
+    assert "mail_deliveries_leased_idx" in plan, plan
+    assert "Seq Scan on mail_deliveries" not in plan, plan
+
+
 def test_the_prepared_claim_is_planned_once_not_at_every_claim(
     db_url: sa.URL, sync_outbox: Outbox
 ) -> None:
