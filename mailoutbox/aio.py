@@ -285,10 +285,22 @@ class AsyncOutbox(OutboxSettings):
                 return total
 
 
+class _SendThreadExit(Exception):
+    """A KeyboardInterrupt or SystemExit that a transport raised on a send thread.
+
+    Not the host stopping the worker (see _stops_the_worker): that send's failure.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
 def _stops_the_worker(exc: BaseException) -> bool:
     """Whether an exception out of an awaited send is the host stopping the worker.
 
-    Ctrl-C and SystemExit are, as everywhere in asyncio; so is a CancelledError
+    Ctrl-C and SystemExit on the loop's thread are, as everywhere in asyncio
+    (a send thread's are its failure: _SendThreadExit); so is a CancelledError
     while this task is being cancelled (a cancelled tick, or run() past its
     lease). Any other exception, a CancelledError leaked by an async library
     included, is the send's failure: raised on, it lost the record of the whole
@@ -430,6 +442,8 @@ class AsyncWorker(WorkerSettings):
                 return step
             try:
                 result = await self._send(step)
+            except _SendThreadExit as exit_:
+                return self.outcome_of_send(claimed, started, exc=exit_.original)
             except BaseException as exc:  # classified in outcome_of_send
                 if _stops_the_worker(exc):
                     raise
@@ -450,7 +464,11 @@ class AsyncWorker(WorkerSettings):
                 max_workers=self.concurrency, thread_name_prefix="mailoutbox-async-send"
             )
         loop = asyncio.get_running_loop()
-        sent = await loop.run_in_executor(self._pool, self.transport.send, envelope)
+        try:
+            sent = await loop.run_in_executor(self._pool, self.transport.send, envelope)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Raised by the transport on a send thread, where no host stops anything.
+            raise _SendThreadExit(exc) from exc
         if inspect.isawaitable(sent):
             # A coroutine transport behind a sync wrapper, which the check for a
             # coroutine function at construction cannot see.
@@ -571,9 +589,10 @@ class AsyncWorker(WorkerSettings):
     def stop(self) -> None:
         """Ask `run()` to stop after the sends in flight.
 
-        Asked before run() has begun, as right after `asyncio.create_task(worker.run())`
-        (the task has not run yet), the stop is kept: that run() returns at once,
-        claiming nothing. A run() that has ended has forgotten it, so the worker
+        Asked while no run() is running, as right after
+        `asyncio.create_task(worker.run())` (the task has not begun yet), the stop
+        is kept for the next run(), which returns at once, claiming nothing. A
+        run() that ends forgets every stop asked before it ended, so the worker
         can be run again.
         """
         self._stop_asked = True

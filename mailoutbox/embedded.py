@@ -63,19 +63,22 @@ def embedded_postgres(*, prefix: str = "mailoutbox-pg-") -> Iterator[sa.URL]:
 
 @contextlib.contextmanager
 def _ctrl_c_held() -> Iterator[None]:
-    """SIGINT ignored while the server is stopped and its directory deleted.
+    """SIGINT and SIGTERM ignored while the server is stopped and its directory deleted.
 
-    A second Ctrl-C would cut the clean-up short, and it reaches `pg_ctl stop`
-    too (one process group); children started here inherit the ignore.
+    A second Ctrl-C (or SIGTERM, which the demo takes as one) would cut the
+    clean-up short, and a Ctrl-C reaches `pg_ctl stop` too (one process group);
+    children started here inherit the ignore.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _stop_servers_on(data: Path) -> None:

@@ -58,10 +58,13 @@ class AddressRedactor(logging.Filter):
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a malformed call (wrong % arguments)
-            # Filters run outside the handler's guard: raising here would raise at the
-            # call site (inside a transport's send, a dead-lettered mail). The
-            # formatter meets the same error in emit(), which reports it as logging does.
-            return True
+            # Filters run outside the handler's guard: raising here raised at the call
+            # site (inside a transport's send, a dead-lettered mail). Nor is it left to
+            # logging's own error report, which prints the arguments unmasked.
+            args = record.args
+            shown = ", ".join(map(str, args)) if isinstance(args, tuple) else str(args)
+            message = f"malformed log call: {record.msg!s} with arguments: {shown}"
+            record.msg, record.args = message, None
         redacted = redact_addresses(message)
         if redacted != message:
             record.msg, record.args = redacted, None

@@ -364,10 +364,10 @@ class Worker(WorkerSettings):
     def stop(self) -> None:
         """Ask `run()` (or a `tick()`) to stop after the sends in flight.
 
-        A stop asked before `run()` has begun, as when a thread running it was
-        only just started, is kept: that run() returns at once, claiming
-        nothing. A run() that has ended has forgotten it, so the worker can be
-        run again.
+        Asked while no run() is running, as when a thread running it was only
+        just started, the stop is kept for the next run(), which returns at
+        once, claiming nothing. A run() that ends forgets every stop asked
+        before it ended, so the worker can be run again.
         """
         self._stop_asked = True
         self._stopping.set()

@@ -225,3 +225,22 @@ def test_a_cancelled_error_out_of_an_async_transport_fails_that_delivery_alone(
     assert (report.claimed, report.sent, report.dead_lettered) == (3, 2, 1)
     assert sorted(sent) == sorted([ids[0], ids[2]])
     assert sync_outbox.get_delivery(ids[1]).status is Status.DEAD_LETTERED
+
+
+def test_a_system_exit_raised_on_a_send_thread_fails_that_delivery_alone(
+    loop_thread: LoopThread, aoutbox: AsyncOutbox, sync_outbox: Outbox
+) -> None:
+    """A sync transport (run on the worker's send threads) whose library gives up with
+    SystemExit: no host is stopping anything there. It used to end tick() unrecorded,
+    and the batch's delivered mail went out again after the lease."""
+    ids = [r.delivery_id for r in sync_outbox.enqueue_many([make_mail() for _ in range(3)])]
+
+    def handler(envelope: Envelope) -> None:
+        if envelope.delivery_id == ids[1]:
+            raise SystemExit("library gave up")
+
+    worker = AsyncWorker(aoutbox, MemoryTransport(handler), batch_size=3)
+    report = loop_thread.run(worker.tick())
+    assert (report.claimed, report.sent, report.dead_lettered) == (3, 2, 1)
+    [attempt] = sync_outbox.list_attempts(ids[1])
+    assert (attempt.error_class, attempt.error) == ("SystemExit", "library gave up")

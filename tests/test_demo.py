@@ -117,8 +117,9 @@ def test_demo_on_embedded_postgres_delivers_everything_and_leaves_nothing_behind
         ("Starting an embedded PostgreSQL", (signal.SIGINT,)),
         ("SMTP sink", (signal.SIGINT, signal.SIGINT)),
         ("SMTP sink", (signal.SIGTERM,)),
+        ("SMTP sink", (signal.SIGTERM, signal.SIGTERM)),
     ],
-    ids=["ctrl-c-while-the-server-starts", "ctrl-c-twice", "sigterm"],
+    ids=["ctrl-c-while-the-server-starts", "ctrl-c-twice", "sigterm", "sigterm-twice"],
 )
 def test_an_interrupted_demo_leaves_no_server_and_no_directory(
     demo_tmpdir: Path, after: str, signals: tuple[signal.Signals, ...]
