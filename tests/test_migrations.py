@@ -149,7 +149,9 @@ def test_migrate_inside_a_hosts_own_alembic_run_leaves_that_run_working(
     (tmp_path / "versions" / "h001_orders.py").write_text(HOST_REVISION)
     config = Config()
     config.set_main_option("script_location", str(tmp_path))
-    config.set_main_option("sqlalchemy.url", empty_db_url.render_as_string(hide_password=False))
+    # ConfigParser interpolates %: the embedded server's socket path is URL-encoded.
+    url = empty_db_url.render_as_string(hide_password=False).replace("%", "%%")
+    config.set_main_option("sqlalchemy.url", url)
     command.upgrade(config, "head")
     assert "host_orders" in tables_in(empty_engine, "public")
     assert tables_in(empty_engine, "outbox_from_env") >= OUR_TABLES
