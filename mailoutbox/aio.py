@@ -32,7 +32,7 @@ from .delivery import (
     log_completion_retry,
     may_start_a_send,
 )
-from .direct import driver_in_transaction
+from .direct import driver_in_transaction, retire_pool_after_loss
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail
 from .outbox import (
     OutboxSettings,
@@ -619,8 +619,9 @@ class AsyncWorker(WorkerSettings):
 class _AsyncListener:
     """A dedicated autocommit async connection LISTENing on the outbox's channel."""
 
-    def __init__(self, driver: Any) -> None:
+    def __init__(self, driver: Any, pool: sa.pool.Pool) -> None:
         self._driver = driver
+        self._pool = pool
 
     @classmethod
     async def open(cls, engine: AsyncEngine, channel: str) -> _AsyncListener:
@@ -634,15 +635,20 @@ class _AsyncListener:
                 await driver.rollback()
             await driver.set_autocommit(True)
             await driver.execute(f'LISTEN "{channel}"')
-        except BaseException:
+        except BaseException as exc:
+            retire_pool_after_loss(engine.sync_engine.pool, driver, exc)
             await driver.close()
             raise
-        return cls(driver)
+        return cls(driver, engine.sync_engine.pool)
 
     async def wait(self) -> None:
         """Return when a notification arrives."""
-        async for _ in self._driver.notifies(stop_after=1):
-            return
+        try:
+            async for _ in self._driver.notifies(stop_after=1):
+                return
+        except BaseException as exc:
+            retire_pool_after_loss(self._pool, self._driver, exc)
+            raise
 
     async def close(self) -> None:
         # psycopg's own close, as in worker._Listener: no rollback on a dropped connection.

@@ -149,6 +149,19 @@ def driver_in_transaction(driver: psycopg.Connection[Any] | psycopg.AsyncConnect
     return bool(driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE)
 
 
+def retire_pool_after_loss(pool: sa.pool.Pool, driver: Any, exc: BaseException) -> None:
+    """What DirectConnection does on a disconnect, for a connection outside it (LISTEN).
+
+    An idle worker's LISTEN connection is the first to see a database restart or
+    a failover. Unless the pool's connections are retired then, the worker's
+    loop meets the pool's dead connections one at a time, as it opens its next
+    LISTEN, and backs off after each: 3.5 s for a pool of three.
+    """
+    if isinstance(exc, psycopg.Error) and (driver.closed or driver.broken):
+        # No connection record to compare: every connection made before now is stale.
+        pool._invalidate(None, exc, _checkin=False)  # type: ignore[arg-type]
+
+
 @contextlib.contextmanager
 def direct(engine: sa.Engine, *, autocommit: bool = False) -> Iterator[DirectConnection]:
     """A pooled connection for plans; committed on leaving the block, rolled back on error.

@@ -49,7 +49,7 @@ from .delivery import (
     log_completion_retry,
     may_start_a_send,
 )
-from .direct import DirectConnection, direct, driver_in_transaction
+from .direct import DirectConnection, direct, driver_in_transaction, retire_pool_after_loss
 from .outbox import Outbox, translate_missing_schema
 from .records import ClaimedDelivery, Completion
 from .transports.base import Transport, close_transport
@@ -385,6 +385,7 @@ class _Listener:
     """A dedicated autocommit connection LISTENing on the outbox's channel."""
 
     def __init__(self, engine: sa.Engine, channel: str) -> None:
+        self._pool = engine.pool
         raw = engine.raw_connection()
         driver: Any = raw.driver_connection
         # Detached: this connection leaves the pool for good and is closed, not returned.
@@ -396,7 +397,8 @@ class _Listener:
                 driver.rollback()
             driver.autocommit = True
             driver.execute(f'LISTEN "{channel}"')
-        except BaseException:
+        except BaseException as exc:
+            retire_pool_after_loss(self._pool, driver, exc)
             driver.close()
             raise
         self._driver = driver
@@ -404,8 +406,12 @@ class _Listener:
     def wait(self, timeout: float) -> bool:
         """True if a notification arrived within `timeout` seconds."""
         got = False
-        for _ in self._driver.notifies(timeout=timeout, stop_after=1):
-            got = True
+        try:
+            for _ in self._driver.notifies(timeout=timeout, stop_after=1):
+                got = True
+        except BaseException as exc:
+            retire_pool_after_loss(self._pool, self._driver, exc)
+            raise
         return got
 
     def close(self) -> None:

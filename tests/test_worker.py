@@ -487,6 +487,48 @@ def test_run_survives_its_listening_connection_being_dropped_with_one_log_line(
     assert all("\n" not in r.getMessage() for r in warnings)
 
 
+def test_an_idle_worker_whose_connections_all_drop_listens_again_after_one_failure(
+    db_url: sa.URL, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database restart ends every connection; an idle worker's LISTEN sees it first.
+
+    Its pool's connections were then found dead one at a time as the loop opened its
+    next LISTEN, each costing a failure and a doubled wait (3.5 s for three). They
+    are retired at the first, as for the worker's own statements (F11).
+    """
+    transport = MemoryTransport()
+    killer = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+    everyone_else = sa.text(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    listening = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'LISTEN %'"
+    )
+
+    def listeners() -> int:
+        with killer.connect() as conn:
+            return int(conn.execute(listening).scalar_one())
+
+    try:
+        w = worker(outbox, transport, poll_interval=timedelta(seconds=60))
+        with caplog.at_level(logging.WARNING), running(w):
+            outbox.enqueue_many([make_mail() for _ in range(3)])  # fills the worker's pool
+            wait_until(lambda: len(transport.sent) == 3, 10, "the first mails")
+            wait_until(lambda: listeners() == 1, 10, "the worker's LISTEN")
+            with killer.connect() as conn:
+                conn.execute(everyone_else)
+            wait_until(lambda: "database unavailable" in caplog.text, 10, "the worker to notice")
+            wait_until(lambda: listeners() == 1, 10, "a new LISTEN")
+            outbox.enqueue(make_mail())
+            wait_until(lambda: len(transport.sent) == 4, 10, "the mail after the restart")
+        failures = [r for r in caplog.records if "database unavailable" in r.getMessage()]
+        assert len(failures) == 1, [r.getMessage() for r in failures]
+    finally:
+        killer.dispose()
+
+
 def test_run_poll_only_finds_mail_without_listen(outbox: Outbox) -> None:
     """listen=False (for poolers that drop LISTEN) still delivers by polling."""
     transport = MemoryTransport()
