@@ -618,9 +618,18 @@ def _attempts_table(attempts: Sequence[Attempt]) -> Table:
             smtp,
             duration,
             a.worker or "",
-            _short(a.error, 80),
+            _short(a.error or _refusals(a.refused), 80),
         )
     return table
+
+
+def _refusals(refused: dict[str, Any] | None) -> str:
+    """A sent attempt's refused recipients, which only --json showed before."""
+    if not refused:
+        return ""
+    return f"refused {len(refused)}: " + "; ".join(
+        " ".join(str(part) for part in (address, *reply)) for address, reply in refused.items()
+    )
 
 
 @cli.command("dead-letters")

@@ -237,6 +237,16 @@ class DeliveryRules:
             duration_seconds=time.monotonic() - started,
             refused=None if result is None else refusals(result),
         )
+        if attempt.refused:
+            # The delivery is `sent`, so nothing else says that some recipients never
+            # got it. Codes only: INFO never shows an address.
+            log.info(
+                "delivery %s sent; %d recipient(s) refused (%s)",
+                claimed.delivery_id,
+                len(attempt.refused),
+                ", ".join(sorted({str(code) for code, _ in attempt.refused.values()})),
+                extra={"delivery_id": str(claimed.delivery_id), "outcome": "sent"},
+            )
         if log.isEnabledFor(logging.DEBUG):
             # Guarded: building the record's fields cost more than the check, per mail.
             log.debug(

@@ -32,7 +32,7 @@ from mailoutbox import Outbox, PermanentSendError, Status, TransientSendError
 from mailoutbox.cli import cli, database_url, format_duration, parse_duration
 from mailoutbox.logs import configure_logging, redact_addresses
 from mailoutbox.retry import RetryPolicy
-from mailoutbox.transports.base import Envelope
+from mailoutbox.transports.base import Envelope, SendResult
 from mailoutbox.transports.memory import MemoryTransport
 from mailoutbox.worker import Worker
 
@@ -327,6 +327,19 @@ def test_deliveries_show_lists_recipients_and_every_attempt(db_url: sa.URL, outb
     assert "ann@example.com" in out and "bob@example.com" in out
     assert "transient_failure" in out and "451 4.7.1" in out
     assert "sent" in out and "Welcome" in out
+
+
+def test_deliveries_show_names_the_recipients_a_sent_attempt_was_refused_for(
+    db_url: sa.URL, outbox: Outbox
+) -> None:
+    """A mail sent with one recipient refused is `sent`: only the attempt says who did not
+    get it, and the table used to leave that to --json."""
+    enq = outbox.enqueue(make_mail(to=["ann@example.com"], cc=["gone@example.com"]))
+    refused = {"gone@example.com": (550, "5.1.1 no such user")}
+    tick(outbox, lambda envelope: SendResult(refused=refused))
+    result = run(*db(db_url, "deliveries", "show", str(enq.delivery_id)))
+    assert result.exit_code == 0, result.output
+    assert "refused 1: gone@example.com 550 5.1.1 no such user" in " ".join(result.stdout.split())
 
 
 def test_deliveries_show_json_has_delivery_recipients_and_attempts(

@@ -698,6 +698,19 @@ def test_what_a_transport_reports_is_stored_whatever_its_text_so_no_batch_is_los
     assert outbox.get_delivery(ids[3]).status is Status.SENT
 
 
+def test_a_partial_refusal_is_logged_at_info_without_addresses(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The delivery ends `sent`: without this line an operator never hears that a
+    recipient did not get it (the attempt row has the details)."""
+    enq = outbox.enqueue(make_mail(to=["ann@example.com"], cc=["gone@example.com"]))
+    refused = {"gone@example.com": (550, "5.1.1 no such user")}
+    with caplog.at_level(logging.INFO, logger="mailoutbox.delivery"):
+        worker(outbox, MemoryTransport(lambda envelope: SendResult(refused=refused))).tick()
+    [record] = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert record.getMessage() == f"delivery {enq.delivery_id} sent; 1 recipient(s) refused (550)"
+
+
 class Abort(BaseException):
     """Not an Exception: what a gevent-style Timeout or a library's SystemExit is."""
 
