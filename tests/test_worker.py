@@ -54,6 +54,19 @@ def failing(exc: Exception) -> MemoryTransport:
     return MemoryTransport(handler)
 
 
+def listening_backends(engine: sa.Engine) -> int:
+    """Connections of the test's database that have run LISTEN (a worker's listener)."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND query LIKE 'LISTEN %'"
+                )
+            ).scalar_one()
+        )
+
+
 def test_tick_sends_due_mail_and_records_the_attempt(outbox: Outbox) -> None:
     """A tick renders, sends and marks sent; the attempt row says so."""
     enq = outbox.enqueue(
@@ -502,25 +515,16 @@ def test_an_idle_worker_whose_connections_all_drop_listens_again_after_one_failu
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         " WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
-    listening = sa.text(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND query LIKE 'LISTEN %'"
-    )
-
-    def listeners() -> int:
-        with killer.connect() as conn:
-            return int(conn.execute(listening).scalar_one())
-
     try:
         w = worker(outbox, transport, poll_interval=timedelta(seconds=60))
         with caplog.at_level(logging.WARNING), running(w):
             outbox.enqueue_many([make_mail() for _ in range(3)])  # fills the worker's pool
             wait_until(lambda: len(transport.sent) == 3, 10, "the first mails")
-            wait_until(lambda: listeners() == 1, 10, "the worker's LISTEN")
+            wait_until(lambda: listening_backends(killer) == 1, 10, "the worker's LISTEN")
             with killer.connect() as conn:
                 conn.execute(everyone_else)
             wait_until(lambda: "database unavailable" in caplog.text, 10, "the worker to notice")
-            wait_until(lambda: listeners() == 1, 10, "a new LISTEN")
+            wait_until(lambda: listening_backends(killer) == 1, 10, "a new LISTEN")
             outbox.enqueue(make_mail())
             wait_until(lambda: len(transport.sent) == 4, 10, "the mail after the restart")
         failures = [r for r in caplog.records if "database unavailable" in r.getMessage()]
@@ -550,22 +554,13 @@ def test_mail_handed_back_wakes_a_listening_worker(db_url: sa.URL, outbox: Outbo
     outbox.enqueue_many([make_mail() for _ in range(5)])
     other = MemoryTransport()
     watcher = sa.create_engine(db_url, poolclass=sa.pool.NullPool)
-    listening = sa.text(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND query LIKE 'LISTEN %'"
-    )
-
-    def listeners() -> int:
-        with watcher.connect() as conn:
-            return int(conn.execute(listening).scalar_one())
-
     with contextlib.ExitStack() as stack:
         stack.callback(watcher.dispose)
 
         def outage(envelope: Envelope) -> None:
             # Every mail is leased here now: the other worker starts, finds none, listens.
             stack.enter_context(running(worker(outbox, other, poll_interval=timedelta(seconds=60))))
-            wait_until(lambda: listeners() == 1, 10, "the other worker's LISTEN")
+            wait_until(lambda: listening_backends(watcher) == 1, 10, "the other worker's LISTEN")
             time.sleep(0.5)  # past its first tick
             raise ServerUnavailable(None, "connection refused")
 
