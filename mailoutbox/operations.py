@@ -575,10 +575,8 @@ def count_by_status(t: Tables) -> Plan[dict[Status, int]]:
 
 def count_active(t: Tables) -> Plan[dict[Status, int]]:
     """Deliveries pending, retrying and sending; every one of the three present."""
-    counts = {status: 0 for status in ACTIVE_STATUSES}
-    for status, count in (yield Query(st.count_active(t))):
-        counts[Status(status)] = int(count)
-    return counts
+    counts = status_counts((yield Query(st.count_active(t))))
+    return {status: counts[status] for status in ACTIVE_STATUSES}
 
 
 def queue_health(t: Tables) -> Plan[tuple[float, int]]:

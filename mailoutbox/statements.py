@@ -848,17 +848,14 @@ def count_active(t: Tables) -> sa.CompoundSelect[Any]:
     reads the whole table, sent mail included.
     """
     d = t.deliveries
-    waiting = (
-        sa.select(d.c.status, sa.func.count())
-        .where(_status_in(d.c.status, WAITING_STATUSES))
-        .group_by(d.c.status)
+
+    def counted(where: sa.ColumnElement[bool]) -> sa.Select[Any]:
+        return sa.select(d.c.status, sa.func.count()).where(where).group_by(d.c.status)
+
+    return sa.union_all(
+        counted(_status_in(d.c.status, WAITING_STATUSES)),
+        counted(d.c.status == _lit(Status.SENDING)),
     )
-    leased = (
-        sa.select(d.c.status, sa.func.count())
-        .where(d.c.status == _lit(Status.SENDING))
-        .group_by(d.c.status)
-    )
-    return sa.union_all(waiting, leased)
 
 
 @functools.lru_cache(maxsize=32)
