@@ -78,6 +78,12 @@ _MAX_LINE = 8192
 # full mailbox gets the same 552 in the new transaction, and ends as a refusal.
 _OVER_THE_LIMIT = (452, 552)
 
+
+def _over_the_limit(replies: dict[str, tuple[int, str]]) -> list[str]:
+    """The recipients a transaction refused for being past the server's limit."""
+    return [recipient for recipient, (code, _) in replies.items() if code in _OVER_THE_LIMIT]
+
+
 # RFC 3463: class.subject.detail at the start of the reply text; the class repeats the
 # first digit of the reply code (RFC 2034), which is how a stray number is told apart.
 _ENHANCED_CODE = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
@@ -395,7 +401,7 @@ class SmtpTransport:
         # someone. (A 452 that means a full mailbox costs one transaction that gets
         # the same 452.) Bcc recipients are envelope addresses only, so the bytes
         # sent are the same for them.
-        pending = [r for r, (code, _) in refused.items() if code in _OVER_THE_LIMIT]
+        pending = _over_the_limit(refused)
         while pending:
             log.debug(
                 "delivery %s: %d recipient(s) over the server's limit; new transaction",
@@ -421,7 +427,7 @@ class SmtpTransport:
                     del refused[recipient]
             if len(replies) == len(pending):
                 break  # nobody accepted this time: no progress to build on
-            pending = [r for r, (code, _) in replies.items() if code in _OVER_THE_LIMIT]
+            pending = _over_the_limit(replies)
         if refused:
             log.debug(
                 "delivery %s: accepted; %d recipient(s) refused",
