@@ -106,6 +106,16 @@ def refusals(result: object) -> dict[str, list[Any]] | None:
     return {bounded(str(address), 500): _refusal(reply) for address, reply in refused.items()}
 
 
+def _refusal(reply: Any) -> list[Any]:
+    try:
+        code, text = reply
+    except (TypeError, ValueError):
+        code, text = None, reply
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return [code if isinstance(code, int) else None, bounded(str(text), 500)]
+
+
 def awaitable_returned(result: object) -> ServerUnavailable:
     """What a sync worker makes of a send that returned an awaitable: nothing was sent.
 
@@ -120,16 +130,6 @@ def awaitable_returned(result: object) -> ServerUnavailable:
     text = "the transport's send returned an awaitable: a coroutine transport needs AsyncWorker"
     log.error(text)
     return ServerUnavailable(None, text)
-
-
-def _refusal(reply: Any) -> list[Any]:
-    try:
-        code, text = reply
-    except (TypeError, ValueError):
-        code, text = None, reply
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    return [code if isinstance(code, int) else None, bounded(str(text), 500)]
 
 
 def classify(exc: BaseException) -> tuple[bool, Outcome]:
@@ -235,7 +235,7 @@ class DeliveryRules:
         attempt = AttemptRecord(
             Outcome.SENT,
             duration_seconds=time.monotonic() - started,
-            refused=None if result is None else refusals(result),
+            refused=refusals(result),
         )
         if attempt.refused:
             # The delivery is `sent`, so nothing else says that some recipients never
