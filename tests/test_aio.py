@@ -22,7 +22,7 @@ from mailoutbox.transports.base import Envelope
 from mailoutbox.transports.memory import MemoryTransport
 
 from .async_bridge import LoopThread
-from .factories import make_mail, row_counts
+from .factories import make_mail, row_counts, wait_until_async
 
 orders = sa.Table("orders", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
 
@@ -189,9 +189,7 @@ def test_fastapi_example_commits_order_and_mail_together(
                 bad = await client.post(
                     "/orders", json={"email": "b@example.com", "item": "out-of-stock"}
                 )
-                deadline = time.monotonic() + 10
-                while not transport.sent and time.monotonic() < deadline:
-                    await asyncio.sleep(0.05)
+                await wait_until_async(lambda: bool(transport.sent), 10, "the order's mail")
             return ok, bad
 
     ok, bad = loop_thread.run(body())

@@ -8,7 +8,6 @@ autocommit.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +20,7 @@ from mailoutbox.transports.memory import MemoryTransport
 
 from .async_bridge import LoopThread
 from .conftest import DEFAULT_SENDER, SCHEMA
-from .factories import make_mail, row_counts
+from .factories import make_mail, row_counts, wait_until_async
 from .test_direct_host_engines import set_tenant_on_checkout
 
 
@@ -61,9 +60,7 @@ def test_an_async_worker_delivers_through_connections_set_up_at_checkout(
         task = asyncio.create_task(worker.run(stop))
         await asyncio.sleep(0.3)  # listening by now: the enqueue below wakes the worker
         await tenant_aoutbox.enqueue(make_mail())
-        deadline = time.monotonic() + 10
-        while not transport.sent and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_until_async(lambda: bool(transport.sent), 10, "the mail to be sent")
         stop.set()
         await asyncio.wait_for(task, 10)
 

@@ -26,7 +26,7 @@ from mailoutbox.transports.memory import MemoryTransport
 
 from .async_bridge import LoopThread
 from .conftest import DEFAULT_SENDER, SCHEMA
-from .factories import make_mail
+from .factories import make_mail, wait_until_async
 
 
 @pytest.fixture
@@ -50,13 +50,6 @@ def _slow_transport(seconds: float) -> tuple[MemoryTransport, threading.Event]:
     return MemoryTransport(slow), sending
 
 
-async def _until(event: threading.Event) -> None:
-    deadline = time.monotonic() + 10
-    while not event.is_set():
-        assert time.monotonic() < deadline, "the send never started"
-        await asyncio.sleep(0.01)
-
-
 def test_cancelling_run_records_the_send_in_flight_and_hands_back_the_rest(
     loop_thread: LoopThread, aoutbox: AsyncOutbox, sync_outbox: Outbox
 ) -> None:
@@ -67,7 +60,7 @@ def test_cancelling_run_records_the_send_in_flight_and_hands_back_the_rest(
 
     async def body() -> bool:
         task = asyncio.create_task(worker.run())
-        await _until(sending)
+        await wait_until_async(sending.is_set, 10, "the send to start")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return task.cancelled()
@@ -101,7 +94,7 @@ def test_a_cancelled_run_waits_for_a_hung_send_no_longer_than_the_lease(
 
     async def body() -> float:
         task = asyncio.create_task(worker.run())
-        await _until(sending)
+        await wait_until_async(sending.is_set, 10, "the send to start")
         started = time.monotonic()
         task.cancel()
         await asyncio.gather(asyncio.wait_for(task, 10), return_exceptions=True)
@@ -137,7 +130,7 @@ def test_aclose_closes_the_transport_only_after_the_sends_in_flight(
 
     async def body() -> int:
         tick = asyncio.create_task(worker.tick())
-        await _until(transport.sending)
+        await wait_until_async(transport.sending.is_set, 10, "the send to start")
         await worker.aclose()
         return (await tick).sent
 
@@ -195,9 +188,7 @@ def test_a_stop_asked_before_the_task_runs_ends_that_run(
 
     async def run_until_sent() -> None:
         task = asyncio.create_task(worker.run())
-        deadline = time.monotonic() + 10
-        while not transport.sent and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_until_async(lambda: bool(transport.sent), 10, "the mail to be sent")
         worker.stop()
         await asyncio.wait_for(task, 10)
 
