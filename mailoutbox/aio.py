@@ -448,7 +448,7 @@ class AsyncWorker(WorkerSettings):
                 if _stops_the_worker(exc):
                     raise
                 return self.outcome_of_send(claimed, started, exc=exc)
-            return self.outcome_of_send(claimed, started, result)
+            return self.outcome_of_send(claimed, started, result, envelope=step)
         except Exception as exc:  # one delivery must never stop the others
             log.exception("unexpected error handling delivery %s", claimed.delivery_id)
             return self.rules.after_failure(claimed, started, exc, permanent=True)

@@ -60,7 +60,8 @@ from .errors import (
 )
 from .logs import format_duration
 from .outbox import MAX_OFFSET, MAX_PURGE_AGE, MAX_PURGE_BATCH, Outbox
-from .records import Attempt, DeadLetter, Delivery
+from .records import Attempt, DeadLetter, Delivery, Recipient
+from .render import envelope_address, envelope_key
 from .schema import DEFAULT_SCHEMA, VERSION_TABLE, Status, validate_schema_name
 
 # Named, not __name__: run as `python -m mailoutbox.cli` this module is __main__.
@@ -577,13 +578,25 @@ def deliveries_show(
     fields.add_row("content type", payload.content_type)
     fields.add_row("sender", payload.sender)
     out.print(fields)
+    out.print(_recipients_table(delivery, recipients))
+    out.print(_attempts_table(attempts))
+
+
+def _recipients_table(delivery: Delivery, recipients: Sequence[Recipient]) -> Table:
+    """The recipients; for a mail retried for some of them, which ones are settled
+    (an earlier attempt reached them, or they were refused for good)."""
     people = Table(title="recipients")
     people.add_column("kind")
     people.add_column("address")
+    settled = {envelope_key(address) for address in delivery.settled_recipients}
+    if settled:
+        people.add_column("settled")
     for r in recipients:
-        people.add_row(r.kind.value, r.address)
-    out.print(people)
-    out.print(_attempts_table(attempts))
+        row = [r.kind.value, r.address]
+        if settled:
+            row.append("yes" if envelope_key(envelope_address(r.address)) in settled else "")
+        people.add_row(*row)
+    return people
 
 
 def _delivery_fields(d: Delivery) -> Iterator[tuple[str, str]]:

@@ -8,6 +8,7 @@ render), the transport's send (the only I/O, theirs), and `after_send` or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ from .errors import (
 )
 from .logs import redact_addresses
 from .records import AttemptRecord, ClaimedDelivery, Completion
-from .render import check_message_id_domain, render
+from .render import check_message_id_domain, envelope_key, render
 from .retry import RetryPolicy
 from .schema import Outcome, Status
 from .transports.base import Envelope, SendResult
@@ -114,6 +115,18 @@ def _refusal(reply: Any) -> list[Any]:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     return [code if isinstance(code, int) else None, bounded(str(text), 500)]
+
+
+def refused_for_now(refused: Mapping[str, list[Any]], recipients: Sequence[str]) -> tuple[str, ...]:
+    """The envelope `recipients` that `refused` holds with a 4xx reply: the server
+    may take them later. A refusal without a code, or naming no recipient of the
+    envelope, is not one of them."""
+    temporary = {
+        envelope_key(address)
+        for address, (code, _) in refused.items()
+        if isinstance(code, int) and 400 <= code < 500
+    }
+    return tuple(address for address in recipients if envelope_key(address) in temporary)
 
 
 def awaitable_returned(result: object) -> ServerUnavailable:
@@ -215,7 +228,7 @@ class DeliveryRules:
             return self.complete(claimed, Status.DEAD_LETTERED, attempt, reason=EXPIRED_REASON)
         started = time.monotonic()
         try:
-            return render(
+            envelope = render(
                 claimed.delivery_id,
                 claimed.payload,
                 claimed.recipients,
@@ -227,16 +240,49 @@ class DeliveryRules:
             return self.after_failure(
                 claimed, started, exc, permanent=True, prefix="render failed: "
             )
+        if claimed.settled_recipients:
+            return self._to_the_unsettled(claimed, envelope)
+        return envelope
+
+    def _to_the_unsettled(
+        self, claimed: ClaimedDelivery, envelope: Envelope
+    ) -> Completion | Envelope:
+        """The envelope narrowed to the recipients no earlier attempt settled.
+
+        The message is the same (its To and Cc list everyone, and the Message-ID
+        is the delivery's), so each recipient gets one copy of one message.
+        """
+        settled = {envelope_key(address) for address in claimed.settled_recipients}
+        waiting = tuple(a for a in envelope.recipients if envelope_key(a) not in settled)
+        if not waiting:
+            # The worker never settles every recipient (one refused for now is why a
+            # mail is retried), but no path may send a mail to nobody.
+            attempt = AttemptRecord(
+                Outcome.SENT, error="every recipient was settled by an earlier attempt"
+            )
+            return self.complete(claimed, Status.SENT, attempt)
+        return dataclasses.replace(envelope, recipients=waiting)
 
     def after_send(
-        self, claimed: ClaimedDelivery, started: float, result: SendResult | None
+        self,
+        claimed: ClaimedDelivery,
+        started: float,
+        result: SendResult | None,
+        envelope: Envelope | None = None,
     ) -> Completion:
-        """The Completion of a send that succeeded (possibly refusing some recipients)."""
-        attempt = AttemptRecord(
-            Outcome.SENT,
-            duration_seconds=time.monotonic() - started,
-            refused=refusals(result),
-        )
+        """The Completion of a send that succeeded, possibly refusing some recipients.
+
+        Recipients refused for good (5xx) are recorded and the delivery is sent. If
+        some of `envelope`'s recipients were refused for now (4xx), the delivery is
+        retried for them alone (see `_after_partial`).
+        """
+        refused = refusals(result)
+        duration = time.monotonic() - started
+        if refused and envelope is not None:
+            for_now = refused_for_now(refused, envelope.recipients)
+            if for_now:
+                return self._after_partial(claimed, duration, envelope, refused, for_now)
+        attempt = AttemptRecord(Outcome.SENT, duration_seconds=duration, refused=refused)
         if attempt.refused:
             # The delivery is `sent`, so nothing else says that some recipients never
             # got it. Codes only: INFO never shows an address.
@@ -259,6 +305,76 @@ class DeliveryRules:
                 },
             )
         return self.complete(claimed, Status.SENT, attempt)
+
+    def _after_partial(
+        self,
+        claimed: ClaimedDelivery,
+        duration: float,
+        envelope: Envelope,
+        refused: dict[str, list[Any]],
+        for_now: tuple[str, ...],
+    ) -> Completion:
+        """Sent to some recipients while others were refused for now: retry for those.
+
+        A retry of the whole mail would reach the accepted recipients twice, and
+        recording it as sent left the others without it (a greylisted cc; a 451
+        in a transaction after a 452). So the attempt is recorded as sent, with
+        its refusals, and the delivery is retried by the policy, as for any
+        transient failure, with every other recipient of this envelope settled:
+        the next attempts send the same message to the rest only. If the policy
+        gives up, the mail is dead-lettered: the dead-letter list is where mail
+        that did not reach everyone is seen, and a resend goes to the rest only.
+        """
+        by_key = {envelope_key(address): reply for address, reply in refused.items()}
+        code, text = by_key[envelope_key(for_now[0])]
+        summary = bounded(
+            f"{len(for_now)} of {len(envelope.recipients)} recipient(s) refused for now; "
+            f"first: {code} {text}"
+        )
+        attempt = AttemptRecord(
+            Outcome.SENT,
+            duration_seconds=duration,
+            error=summary,
+            smtp_code=code,
+            refused=refused,
+        )
+        decision = self.retry.decide(
+            attempts=claimed.attempts,
+            created_at=claimed.cycle_started_at,
+            now=claimed.claimed_at + timedelta(seconds=duration),
+            permanent=False,
+        )
+        log.info(
+            "delivery %s attempt %d sent; %d recipient(s) refused for now (%s), %s",
+            claimed.delivery_id,
+            claimed.attempts,
+            len(for_now),
+            ", ".join(sorted({str(by_key[envelope_key(a)][0]) for a in for_now})),
+            "retried alone" if decision.should_retry else decision.reason,
+            extra={
+                "delivery_id": str(claimed.delivery_id),
+                "attempt": claimed.attempts,
+                "outcome": "sent",
+                "smtp_code": code,
+            },
+        )
+        settled = tuple(address for address in envelope.recipients if address not in for_now)
+        if decision.should_retry:
+            return self.complete(
+                claimed,
+                Status.RETRYING,
+                attempt,
+                reason=summary,
+                retry_delay=decision.delay.total_seconds(),
+                settled=settled,
+            )
+        return self.complete(
+            claimed,
+            Status.DEAD_LETTERED,
+            attempt,
+            reason=bounded(f"{decision.reason}: {summary}"),
+            settled=settled,
+        )
 
     def after_failure(
         self,
@@ -358,6 +474,7 @@ class DeliveryRules:
         reason: str = "",
         retry_delay: float = 0.0,
         refund: bool = False,
+        settled: tuple[str, ...] = (),
     ) -> Completion:
         return Completion(
             delivery_id=claimed.delivery_id,
@@ -368,6 +485,7 @@ class DeliveryRules:
             reason=reason,
             worker=self.worker,
             refund_attempt=refund,
+            settled_recipients=settled,
         )
 
 
@@ -604,11 +722,12 @@ class WorkerSettings:
         started: float,
         result: SendResult | None = None,
         exc: BaseException | None = None,
+        envelope: Envelope | None = None,
     ) -> Completion:
-        """The Completion of a send that returned `result` or raised `exc`."""
+        """The Completion of a send of `envelope` that returned `result` or raised `exc`."""
         if exc is None:
             self.pause.reset()
-            return self.rules.after_send(claimed, started, result)
+            return self.rules.after_send(claimed, started, result, envelope)
         if isinstance(exc, ServerUnavailable):
             return self.rules.after_unavailable(claimed, started, exc, self.pause.trip())
         return self.rules.after_failure(claimed, started, exc)

@@ -258,6 +258,7 @@ def completion_params(completions: Sequence[Completion]) -> dict[str, list[Any]]
             ("refused", None if a is None or a.refused is None else json.dumps(a.refused)),
             ("worker", c.worker),
             ("refund", int(c.refund_attempt)),
+            ("settled", "\n".join(c.settled_recipients) if c.settled_recipients else None),
         ):
             params[name].append(value)
     return _array_params(params)
@@ -273,8 +274,13 @@ def _array_params(columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
 def delivery_from_row(row: Any) -> Delivery:
     m = row._mapping
     return Delivery(
-        **{name: m[name] for name in st.DELIVERY_COLUMNS if name != "status"},
+        **{
+            name: m[name]
+            for name in st.DELIVERY_COLUMNS
+            if name not in ("status", "settled_recipients")
+        },
         status=Status(m["status"]),
+        settled_recipients=tuple(m["settled_recipients"] or ()),
     )
 
 
@@ -336,6 +342,7 @@ def claimed_from_row(row: Sequence[Any]) -> ClaimedDelivery:
         headers,
         addresses,
         kinds,
+        settled_recipients,
     ) = row
     return ClaimedDelivery(
         delivery_id=delivery_id,
@@ -361,6 +368,7 @@ def claimed_from_row(row: Sequence[Any]) -> ClaimedDelivery:
             Recipient(address, _KIND_OF[kind])
             for address, kind in zip(addresses or (), kinds or (), strict=False)
         ),
+        settled_recipients=tuple(settled_recipients) if settled_recipients else (),
     )
 
 

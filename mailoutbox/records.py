@@ -44,6 +44,9 @@ class Delivery:
     expires_at: datetime | None
     locked_by: str | None
     locked_until: datetime | None
+    # Envelope addresses an earlier attempt settled (accepted, or refused for good)
+    # while others were refused for now: retries and resends go to the others only.
+    settled_recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class ClaimedDelivery:
     previous_status: Status
     payload: Payload
     recipients: tuple[Recipient, ...] = field(default_factory=tuple)
+    # Envelope addresses not to send to again (Delivery.settled_recipients).
+    settled_recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,3 +164,5 @@ class Completion:
     worker: str | None = None
     # The attempt counted at claim is given back: the send never began (server unavailable).
     refund_attempt: bool = False
+    # Envelope addresses this attempt settled, for a mail retried for its other recipients.
+    settled_recipients: tuple[str, ...] = ()

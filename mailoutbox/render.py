@@ -235,13 +235,24 @@ def _reply_to_pairs(value: str) -> tuple[tuple[str, str], ...]:
     return tuple((decode_encoded_words(n), a) for n, a in getaddresses([value]) if a)
 
 
+def envelope_address(stored: str) -> str:
+    """The bare address a stored recipient gets the mail at (its envelope address)."""
+    return _split_address(stored)[1]
+
+
+def envelope_key(address: str) -> tuple[str, str]:
+    """What makes two bare addresses the same mailbox: domains are case-insensitive,
+    local parts are not."""
+    local, _, domain = address.rpartition("@")
+    return local, domain.lower()
+
+
 def _envelope_recipients(recipients: Iterable[Recipient]) -> tuple[str, ...]:
     seen: set[tuple[str, str]] = set()
     out: list[str] = []
     for recipient in recipients:
         addr = _split_address(recipient.address)[1]
-        local, _, domain = addr.rpartition("@")
-        key = (local, domain.lower())  # domains are case-insensitive, local parts are not
+        key = envelope_key(addr)
         if key not in seen:
             seen.add(key)
             out.append(addr)

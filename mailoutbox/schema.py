@@ -183,6 +183,11 @@ def _tables_for(schema: str) -> Tables:
         # the history. NULL on rows from before migration 0004: numbered from the
         # history the first time, then kept here.
         sa.Column("last_attempt_no", sa.Integer, nullable=True, server_default=sa.text("0")),
+        # Envelope addresses an earlier attempt settled (accepted by the server, or
+        # refused for good) while others were refused for now (migration 0005): retries
+        # go to the others only. Resend keeps it, so a resent mail reaches nobody twice.
+        # NULL: none settled, the common case.
+        sa.Column("settled_recipients", pg.ARRAY(sa.Text), nullable=True),
         sa.UniqueConstraint(
             "template_id", "idempotency_key", name="mail_deliveries_template_id_idempotency_key_key"
         ),

@@ -131,6 +131,7 @@ DELIVERY_COLUMNS = (
     "expires_at",
     "locked_by",
     "locked_until",
+    "settled_recipients",
 )
 
 
@@ -416,6 +417,7 @@ CLAIM_RESULT = (
     "headers",
     "addresses",
     "kinds",
+    "settled_recipients",
 )
 
 
@@ -515,6 +517,7 @@ def claim_due(t: Tables, limit: int) -> sa.Select[Any]:
             d.c.payload_id,
             d.c.claim_token,
             d.c.locked_until,
+            d.c.settled_recipients,
             picked.c.previous_status,
             picked.c.previous_worker,
             picked.c.previous_claimed_at,
@@ -583,6 +586,7 @@ def claim_due(t: Tables, limit: int) -> sa.Select[Any]:
             sa.func.nullif(p.c.headers, empty_headers).label("headers"),
             recipients.c.addresses,
             recipients.c.kinds,
+            claimed.c.settled_recipients,
         )
         .select_from(claimed)
         .join(p, p.c.payload_id == claimed.c.payload_id)
@@ -609,6 +613,9 @@ COMPLETION_ARRAYS = (
     ("refused", sa.Text),
     ("worker", sa.Text),
     ("refund", sa.Integer),
+    # Envelope addresses this attempt settled, one per line (addresses hold no line
+    # break): NULL but for a mail retried for some of its recipients only.
+    ("settled", sa.Text),
 )
 
 
@@ -618,6 +625,7 @@ def complete_claimed(t: Tables) -> sa.Select[Any]:
 
     One statement per batch: set each delivery's new status (sent, retrying with
     next_attempt_at = now() + retry_delay, or dead_lettered), release the lease,
+    add the recipients the attempt settled (`settled`, see DeliveryRules.after_send),
     append the attempt row (where `outcome` is not NULL) and the dead-letter
     row. The fence is `claim_token`: a worker whose lease was taken over
     changes nothing, not even the attempt history. Returns the ids that were
@@ -651,6 +659,11 @@ def complete_claimed(t: Tables) -> sa.Select[Any]:
             sent_at=sa.case((is_(Status.SENT), _NOW), else_=d.c.sent_at),
             dead_lettered_at=sa.case((is_(Status.DEAD_LETTERED), _NOW), else_=d.c.dead_lettered_at),
             last_error=v.c.reason,
+            # array_cat with a NULL (nothing newly settled) leaves the array as it was.
+            settled_recipients=sa.func.array_cat(
+                d.c.settled_recipients,
+                sa.func.string_to_array(v.c.settled, sa.literal("\n")),
+            ),
             locked_by=sa.null(),
             locked_until=sa.null(),
             claim_token=sa.null(),
@@ -893,7 +906,8 @@ def resend_unless_sent_or_sending(t: Tables) -> sa.Update:
 
     The status guard makes the database the arbiter when resend races a worker:
     a delivery in flight (sending) or already sent is left alone, and the
-    caller reads the row to say why. attempt history is kept.
+    caller reads the row to say why. attempt history is kept, and so are the
+    settled recipients: a resent mail goes only to those it has not reached.
     """
     d = t.deliveries
     return (

@@ -275,7 +275,7 @@ class Worker(WorkerSettings):
                 return self.outcome_of_send(claimed, started, exc=exc)
             if inspect.isawaitable(result):
                 return self.outcome_of_send(claimed, started, exc=awaitable_returned(result))
-            return self.outcome_of_send(claimed, started, result)
+            return self.outcome_of_send(claimed, started, result, envelope=step)
         except Exception as exc:  # one delivery must never stop the others
             log.exception("unexpected error handling delivery %s", claimed.delivery_id)
             return self.rules.after_failure(claimed, started, exc, permanent=True)

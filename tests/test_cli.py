@@ -342,6 +342,25 @@ def test_deliveries_show_names_the_recipients_a_sent_attempt_was_refused_for(
     assert "refused 1: gone@example.com 550 5.1.1 no such user" in " ".join(result.stdout.split())
 
 
+def test_deliveries_show_marks_the_recipients_a_retried_mail_has_settled(
+    db_url: sa.URL, outbox: Outbox
+) -> None:
+    """A mail retried for one greylisted recipient: show says who has it already."""
+    enq = outbox.enqueue(make_mail(to=["Ann <ann@example.com>"], cc=["grey@example.com"]))
+    refused = {"grey@example.com": (451, "4.7.1 greylisted")}
+    tick(outbox, lambda envelope: SendResult(refused=refused))
+    result = run(*db(db_url, "deliveries", "show", str(enq.delivery_id)))
+    assert result.exit_code == 0, result.output
+    [ann] = [line for line in result.stdout.splitlines() if "ann@example.com" in line]
+    [grey] = [line for line in result.stdout.splitlines() if "│ grey@example.com" in line]
+    assert "settled" in result.stdout and "yes" in ann and "yes" not in grey
+    shown = json.loads(
+        run(*db(db_url, "deliveries", "show", "--json", str(enq.delivery_id))).stdout
+    )
+    assert shown["delivery"]["status"] == "retrying"
+    assert shown["delivery"]["settled_recipients"] == ["ann@example.com"]
+
+
 def test_deliveries_show_json_has_delivery_recipients_and_attempts(
     db_url: sa.URL, outbox: Outbox
 ) -> None:
@@ -591,7 +610,7 @@ def test_worker_on_a_schema_a_migration_behind_exits_3(db_url: sa.URL, processes
         engine.dispose()
     args = ("worker", "--smtp-host", "127.0.0.1", "--processes", processes)
     result = run(*db(db_url, *args))
-    assert_one_line_error(result, 3, "at migration 0003", "needs 0004", "mailoutbox migrate")
+    assert_one_line_error(result, 3, "at migration 0003", "needs 0005", "mailoutbox migrate")
 
 
 def test_a_schema_migrated_by_a_newer_release_passes_the_worker_check(db_url: sa.URL) -> None:

@@ -100,7 +100,7 @@ def test_host_alembic_history_is_untouched(empty_engine: sa.Engine) -> None:
             .scalars()
             .all()
         )
-    assert ours == ["0004"]
+    assert ours == ["0005"]
 
 
 HOST_ENV = """
@@ -259,7 +259,7 @@ def test_alembic_command_line_from_repository_root(empty_db_url: sa.URL) -> None
     for args in (["upgrade", "head"], ["upgrade", "head"], ["current"]):
         run = subprocess.run(alembic + args, cwd=ROOT, env=env, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
-    assert "0004 (head)" in run.stdout
+    assert "0005 (head)" in run.stdout
     engine = sa.create_engine(empty_db_url, poolclass=sa.pool.NullPool)
     try:
         assert tables_in(engine, "cli_schema") >= OUR_TABLES

@@ -255,6 +255,65 @@ def test_partial_refusal_counts_as_sent_and_records_refused(outbox: Outbox) -> N
     assert attempt.refused == {"gone@example.com": [550, "5.1.1 no such user"]}
 
 
+def test_recipients_refused_for_now_are_retried_alone_until_the_last_attempt(
+    outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 4xx for some recipients while others were accepted: the mail is retried for
+    them alone (it used to be `sent`, and they never got it). A refusal is matched to
+    its recipient with the domain's case ignored. When the attempts run out the mail is
+    dead-lettered, so that it is seen, with what was settled kept for a resend."""
+    enq = outbox.enqueue(make_mail(to=["a@example.com", "Grey@Example.COM"], bcc=["b@example.com"]))
+    replies = [
+        {"Grey@example.com": (451, "4.7.1 greylisted"), "b@example.com": (550, "no such user")},
+        {"Grey@example.com": (450, "4.2.1 busy")},
+    ]
+    transport = MemoryTransport(lambda envelope: SendResult(refused=replies.pop(0)))
+    w = worker(outbox, transport, retry=RetryPolicy(max_attempts=2, base_delay=timedelta(0)))
+    with caplog.at_level(logging.INFO, logger="mailoutbox.delivery"):
+        assert w.tick() == TickReport(claimed=1, retried=1)
+        assert w.tick() == TickReport(claimed=1, dead_lettered=1)
+    assert [e.recipients for e in transport.sent] == [
+        ("a@example.com", "Grey@Example.COM", "b@example.com"),
+        ("Grey@Example.COM",),
+    ]
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.status is Status.DEAD_LETTERED
+    assert delivery.settled_recipients == ("a@example.com", "b@example.com")
+    assert delivery.last_error == (
+        "attempts exhausted (2): 1 of 1 recipient(s) refused for now; first: 450 4.2.1 busy"
+    )
+    first, second = outbox.list_attempts(enq.delivery_id)
+    assert (first.outcome, first.smtp_code, second.outcome, second.smtp_code) == (
+        Outcome.SENT,
+        451,
+        Outcome.SENT,
+        450,
+    )
+    assert first.error == "1 of 3 recipient(s) refused for now; first: 451 4.7.1 greylisted"
+    assert [r.getMessage() for r in caplog.records if "for now" in r.getMessage()] == [
+        f"delivery {enq.delivery_id} attempt 1 sent; 1 recipient(s) refused for now (451),"
+        " retried alone",
+        f"delivery {enq.delivery_id} attempt 2 sent; 1 recipient(s) refused for now (450),"
+        " attempts exhausted (2)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        {"someone-else@example.com": (451, "not one of this mail's recipients")},
+        {"gone@example.com": (None, "a refusal without a code")},
+    ],
+)
+def test_a_refusal_that_names_no_recipient_or_no_4xx_is_not_retried(
+    outbox: Outbox, refused: dict[str, tuple[int | None, str]]
+) -> None:
+    enq = outbox.enqueue(make_mail(to=["a@example.com", "gone@example.com"]))
+    transport = MemoryTransport(lambda envelope: SendResult(refused=refused))  # type: ignore[arg-type]
+    assert worker(outbox, transport).tick() == TickReport(claimed=1, sent=1)
+    assert outbox.get_delivery(enq.delivery_id).settled_recipients == ()
+
+
 def test_unexpected_transport_error_dead_letters_only_that_delivery(outbox: Outbox) -> None:
     """A transport bug on one delivery never stops the others or the worker."""
     mails = [make_mail(subject=s) for s in ("ok-1", "boom", "ok-2")]

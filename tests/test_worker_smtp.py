@@ -6,6 +6,7 @@ attempt rows and next_attempt_at are asserted in PostgreSQL.
 
 from __future__ import annotations
 
+import email.message
 import email.parser
 import email.policy
 import logging
@@ -40,6 +41,12 @@ def smtp_worker(outbox: Outbox, sink: SmtpSink, **transport_kwargs: object) -> W
     return make_worker(  # type: ignore[no-any-return]
         outbox, transport, retry=POLICY, name="smtp-worker", concurrency=2
     )
+
+
+def parse(data: bytes) -> email.message.EmailMessage:
+    message = email.parser.BytesParser(policy=email.policy.default).parsebytes(data)
+    assert isinstance(message, email.message.EmailMessage)
+    return message
 
 
 def run_tick(worker: Worker) -> TickReport:
@@ -190,19 +197,105 @@ def test_recipients_past_a_relays_limit_all_get_the_mail_bcc_included(
     assert (attempt.outcome, attempt.refused) == (Outcome.SENT, None)
 
 
-def test_failed_follow_up_transaction_is_sent_with_the_rest_refused_never_resent(
+def test_follow_up_transaction_refused_for_now_is_retried_for_its_recipients_alone(
     outbox: Outbox, sink: SmtpSink
 ) -> None:
-    """After the first transaction delivered, a later one failing records refusals, not a retry."""
+    """A 451 in the transaction after a 452: the rest get the mail on retry, nobody twice."""
     enq = outbox.enqueue(make_mail(to=["a@example.com", "b@example.com", "c@example.com"]))
     sink.max_recipients = 2
     sink.next_data_replies = [None, "451 4.3.0 Try later"]
-    assert run_tick(smtp_worker(outbox, sink)).sent == 1
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, retried=1)
+    assert_retrying_in_30s(outbox, enq.delivery_id)
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.settled_recipients == ("a@example.com", "b@example.com")
+    [first] = outbox.list_attempts(enq.delivery_id)
+    assert (first.outcome, first.smtp_code) == (Outcome.SENT, 451)
+    assert first.refused == {"c@example.com": [451, "end of DATA: 4.3.0 Try later"]}
+    assert first.error.startswith("1 of 3 recipient(s) refused for now")
+
+    sink_engine_update_due(outbox)
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, sent=1)
+    assert [m.rcpt_tos for m in sink.messages] == [
+        ("a@example.com", "b@example.com"),
+        ("c@example.com",),
+    ]
+    first_copy, second_copy = (parse(m.data) for m in sink.messages)
+    # One message: the retry's copy names every recipient, under the same Message-ID.
+    assert second_copy["To"] == first_copy["To"] == "a@example.com, b@example.com, c@example.com"
+    assert second_copy["Message-ID"] == first_copy["Message-ID"]
     assert outbox.get_delivery(enq.delivery_id).status is Status.SENT
-    [attempt] = outbox.list_attempts(enq.delivery_id)
-    assert attempt.refused == {"c@example.com": [451, "end of DATA: 4.3.0 Try later"]}
+    assert [
+        (a.attempt_no, a.outcome, a.refused) for a in outbox.list_attempts(enq.delivery_id)
+    ] == [
+        (1, Outcome.SENT, first.refused),
+        (2, Outcome.SENT, None),
+    ]
+
+
+def test_greylisted_cc_gets_the_mail_on_retry_and_a_550_is_not_retried(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """One recipient refused for now, one for good: only the first is tried again."""
+    enq = outbox.enqueue(
+        make_mail(
+            to=["a@example.com"],
+            cc=["grey@example.com", "gone@example.com"],
+            bcc=["hidden@example.com"],
+        )
+    )
+    sink.rcpt_replies = {
+        "grey@example.com": "450 4.7.1 Greylisted, try again later",
+        "gone@example.com": "550 5.1.1 No such user",
+    }
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, retried=1)
+    settled = outbox.get_delivery(enq.delivery_id).settled_recipients
+    assert settled == ("a@example.com", "gone@example.com", "hidden@example.com")
+
+    sink.rcpt_replies = {"gone@example.com": "550 5.1.1 No such user"}
+    sink_engine_update_due(outbox)
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, sent=1)
+    assert [m.rcpt_tos for m in sink.messages] == [
+        ("a@example.com", "hidden@example.com"),
+        ("grey@example.com",),
+    ]
     assert run_tick(smtp_worker(outbox, sink)).claimed == 0
-    assert [m.rcpt_tos for m in sink.messages] == [("a@example.com", "b@example.com")]
+    first, second = outbox.list_attempts(enq.delivery_id)
+    assert first.refused is not None and sorted(first.refused) == [
+        "gone@example.com",
+        "grey@example.com",
+    ]
+    assert second.refused is None
+
+
+def test_recipient_refused_for_now_until_attempts_run_out_is_dead_lettered_and_resent_alone(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """Mail that never reached everyone lands in the dead letters; a resend reaches the rest."""
+    enq = outbox.enqueue(make_mail(to=["a@example.com", "grey@example.com"]))
+    sink.rcpt_replies = {"grey@example.com": "451 4.7.1 Greylisted"}
+    transport = SmtpTransport(sink.host, sink.port, security="none", timeout=5.0)
+    policy = RetryPolicy(max_attempts=2, base_delay=timedelta(0), max_delay=timedelta(0))
+    worker = make_worker(outbox, transport, retry=policy, name="smtp-worker")
+    # One tick claims a delivery once; the retry is due at once for the next tick.
+    assert run_tick(worker) == TickReport(claimed=1, retried=1)
+    assert run_tick(worker) == TickReport(claimed=1, dead_lettered=1)
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.status is Status.DEAD_LETTERED
+    # The second attempt went to the greylisted recipient alone, and it refused again.
+    assert delivery.last_error == (
+        "attempts exhausted (2): 451 RCPT TO: all 1 recipient(s) refused;"
+        " first: 451 4.7.1 Greylisted"
+    )
+    assert delivery.settled_recipients == ("a@example.com",)
+    [dead] = outbox.list_dead_letters().items
+    assert dead.delivery_id == enq.delivery_id and dead.reason == delivery.last_error
+    assert [m.rcpt_tos for m in sink.messages] == [("a@example.com",)]
+
+    sink.rcpt_replies = {}
+    outbox.resend(enq.delivery_id)
+    assert run_tick(worker) == TickReport(claimed=1, sent=1)
+    assert [m.rcpt_tos for m in sink.messages] == [("a@example.com",), ("grey@example.com",)]
+    assert outbox.get_delivery(enq.delivery_id).status is Status.SENT
 
 
 @pytest.mark.parametrize("reply", ["552 5.3.4 Message too big", "554 5.7.1 Rejected as spam"])

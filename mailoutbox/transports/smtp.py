@@ -30,7 +30,9 @@ the RFC asks clients to treat as a 452. So they get the same message in further 
 the same session, as long as each delivers to someone; the ones never accepted
 end in `refused`. Once a transaction has delivered, nothing after it raises: a
 retry of the whole mail would reach its recipients twice, so a later
-transaction's failure puts its recipients in `refused` with that failure.
+transaction's failure puts its recipients in `refused` with that failure (the
+worker retries the mail for the ones refused with a 4xx alone; see
+`DeliveryRules.after_send`).
 
 Server text is cleaned of control characters, of the password (in case a
 server echoes it) and cut to `MAX_SERVER_TEXT` characters before it reaches an
