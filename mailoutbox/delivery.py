@@ -34,7 +34,7 @@ from .errors import (
 from .logs import redact_addresses
 from .records import AttemptRecord, ClaimedDelivery, Completion
 from .render import check_message_id_domain, envelope_key, render
-from .retry import RetryPolicy
+from .retry import RetryDecision, RetryPolicy
 from .schema import Outcome, Status
 from .transports.base import Envelope, SendResult
 
@@ -338,12 +338,7 @@ class DeliveryRules:
             smtp_code=code,
             refused=refused,
         )
-        decision = self.retry.decide(
-            attempts=claimed.attempts,
-            created_at=claimed.cycle_started_at,
-            now=claimed.claimed_at + timedelta(seconds=duration),
-            permanent=False,
-        )
+        decision = self._decide(claimed, duration, permanent=False)
         log.info(
             "delivery %s attempt %d sent; %d recipient(s) refused for now (%s), %s",
             claimed.delivery_id,
@@ -359,22 +354,7 @@ class DeliveryRules:
             },
         )
         settled = tuple(address for address in envelope.recipients if address not in for_now)
-        if decision.should_retry:
-            return self.complete(
-                claimed,
-                Status.RETRYING,
-                attempt,
-                reason=summary,
-                retry_delay=decision.delay.total_seconds(),
-                settled=settled,
-            )
-        return self.complete(
-            claimed,
-            Status.DEAD_LETTERED,
-            attempt,
-            reason=bounded(f"{decision.reason}: {summary}"),
-            settled=settled,
-        )
+        return self._as_decided(claimed, decision, attempt, summary, settled)
 
     def after_failure(
         self,
@@ -403,12 +383,7 @@ class DeliveryRules:
             smtp_code=code,
             smtp_enhanced_code=exc.enhanced_code if isinstance(exc, SendError) else None,
         )
-        decision = self.retry.decide(
-            attempts=claimed.attempts,
-            created_at=claimed.cycle_started_at,
-            now=claimed.claimed_at + timedelta(seconds=elapsed),
-            permanent=permanent,
-        )
+        decision = self._decide(claimed, elapsed, permanent=permanent)
         log.info(
             "delivery %s attempt %d failed (%s): %s",
             claimed.delivery_id,
@@ -423,6 +398,27 @@ class DeliveryRules:
                 "smtp_code": code,
             },
         )
+        return self._as_decided(claimed, decision, attempt, text)
+
+    def _decide(
+        self, claimed: ClaimedDelivery, elapsed: float, *, permanent: bool
+    ) -> RetryDecision:
+        return self.retry.decide(
+            attempts=claimed.attempts,
+            created_at=claimed.cycle_started_at,
+            now=claimed.claimed_at + timedelta(seconds=elapsed),
+            permanent=permanent,
+        )
+
+    def _as_decided(
+        self,
+        claimed: ClaimedDelivery,
+        decision: RetryDecision,
+        attempt: AttemptRecord,
+        text: str,
+        settled: tuple[str, ...] = (),
+    ) -> Completion:
+        """Retrying after the decision's delay, or dead-lettered with its reason."""
         if decision.should_retry:
             return self.complete(
                 claimed,
@@ -430,9 +426,14 @@ class DeliveryRules:
                 attempt,
                 reason=text,
                 retry_delay=decision.delay.total_seconds(),
+                settled=settled,
             )
         return self.complete(
-            claimed, Status.DEAD_LETTERED, attempt, reason=bounded(f"{decision.reason}: {text}")
+            claimed,
+            Status.DEAD_LETTERED,
+            attempt,
+            reason=bounded(f"{decision.reason}: {text}"),
+            settled=settled,
         )
 
     def after_unavailable(
