@@ -42,7 +42,7 @@ from .migrations import migrate
 from .outbox import Outbox
 from .records import Attempt, Enqueued
 from .retry import RetryPolicy
-from .schema import DEFAULT_SCHEMA, Status, validate_schema_name
+from .schema import ACTIVE_STATUSES, DEFAULT_SCHEMA, Status, validate_schema_name
 from .transports.smtp import SmtpTransport
 from .worker import Worker
 
@@ -58,7 +58,6 @@ DEMO_RETRY = RetryPolicy(
     max_age=None,
 )
 ENQUEUE_CHUNK = 500
-ACTIVE = (Status.PENDING, Status.RETRYING, Status.SENDING)
 # duplicate_schema; unique_violation when another session creates it at the same moment.
 _DUPLICATE_SCHEMA = ("42P06", "23505")
 
@@ -390,7 +389,7 @@ def _follow(outbox: Outbox, total: int, deadline: float, console: Console) -> bo
                     f"dead-lettered {counts[Status.DEAD_LETTERED]}"
                 ),
             )
-            if not any(counts[s] for s in ACTIVE):
+            if not any(counts[s] for s in ACTIVE_STATUSES):
                 return True
             if time.monotonic() > deadline:
                 return False
@@ -463,7 +462,7 @@ def _checks(
         ),
         Check(
             "nothing pending, retrying, sending or cancelled",
-            not any(counts[s] for s in (*ACTIVE, Status.CANCELLED)),
+            not any(counts[s] for s in (*ACTIVE_STATUSES, Status.CANCELLED)),
         ),
     ]
     return checks
