@@ -583,14 +583,14 @@ def deliveries_show(
 
 
 def _recipients_table(delivery: Delivery, recipients: Sequence[Recipient]) -> Table:
-    """The recipients; for a mail retried for some of them, which ones are settled
-    (an earlier attempt reached them, or they were refused for good)."""
+    """The recipients; for a mail retried for some of them, which ones an earlier
+    attempt settled (reached them, or saw them refused for good)."""
     people = Table(title="recipients")
     people.add_column("kind")
     people.add_column("address")
     settled = {envelope_key(address) for address in delivery.settled_recipients}
     if settled:
-        people.add_column("settled")
+        people.add_column("settled earlier")
     for r in recipients:
         row = [r.kind.value, r.address]
         if settled:

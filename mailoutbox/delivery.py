@@ -117,16 +117,33 @@ def _refusal(reply: Any) -> list[Any]:
     return [code if isinstance(code, int) else None, bounded(str(text), 500)]
 
 
-def refused_for_now(refused: Mapping[str, list[Any]], recipients: Sequence[str]) -> tuple[str, ...]:
-    """The envelope `recipients` that `refused` holds with a 4xx reply: the server
-    may take them later. A refusal without a code, or naming no recipient of the
-    envelope, is not one of them."""
+def refused_for_now(
+    refused: Mapping[str, list[Any]], recipients: Sequence[str]
+) -> dict[str, list[Any]]:
+    """The envelope `recipients` that `refused` holds with a 4xx reply (the server
+    may take them later), each with its reply, in envelope order.
+
+    A refusal is matched to its recipient as the envelope spells it (the domain's
+    case ignored, as everywhere), else with all case ignored: a transport may
+    report addresses normalised. A refusal without a code, or naming no recipient
+    of the envelope, is not one of them.
+    """
     temporary = {
-        envelope_key(address)
-        for address, (code, _) in refused.items()
-        if isinstance(code, int) and 400 <= code < 500
+        address: reply
+        for address, reply in refused.items()
+        if isinstance(reply[0], int) and 400 <= reply[0] < 500
     }
-    return tuple(address for address in recipients if envelope_key(address) in temporary)
+    if not temporary:
+        return {}
+    exact = {envelope_key(address): reply for address, reply in temporary.items()}
+    keys = {envelope_key(address) for address in recipients}
+    folded = {a.lower(): reply for a, reply in temporary.items() if envelope_key(a) not in keys}
+    found = {}
+    for address in recipients:
+        reply = exact.get(envelope_key(address)) or folded.get(address.lower())
+        if reply is not None:
+            found[address] = reply
+    return found
 
 
 def awaitable_returned(result: object) -> ServerUnavailable:
@@ -224,7 +241,9 @@ class DeliveryRules:
                 "the worker holding it was lost each time",
             )
         if claimed.expires_at is not None and claimed.claimed_at >= claimed.expires_at:
-            attempt = AttemptRecord(Outcome.EXPIRED, error="expired before it could be sent")
+            # Settled recipients have it: an earlier attempt sent it to them.
+            rest = " to the rest of its recipients" if claimed.settled_recipients else ""
+            attempt = AttemptRecord(Outcome.EXPIRED, error=f"expired before it could be sent{rest}")
             return self.complete(claimed, Status.DEAD_LETTERED, attempt, reason=EXPIRED_REASON)
         started = time.monotonic()
         try:
@@ -312,7 +331,7 @@ class DeliveryRules:
         duration: float,
         envelope: Envelope,
         refused: dict[str, list[Any]],
-        for_now: tuple[str, ...],
+        for_now: dict[str, list[Any]],
     ) -> Completion:
         """Sent to some recipients while others were refused for now: retry for those.
 
@@ -325,8 +344,7 @@ class DeliveryRules:
         gives up, the mail is dead-lettered: the dead-letter list is where mail
         that did not reach everyone is seen, and a resend goes to the rest only.
         """
-        by_key = {envelope_key(address): reply for address, reply in refused.items()}
-        code, text = by_key[envelope_key(for_now[0])]
+        code, text = next(iter(for_now.values()))
         summary = bounded(
             f"{len(for_now)} of {len(envelope.recipients)} recipient(s) refused for now; "
             f"first: {code} {text}"
@@ -344,7 +362,7 @@ class DeliveryRules:
             claimed.delivery_id,
             claimed.attempts,
             len(for_now),
-            ", ".join(sorted({str(by_key[envelope_key(a)][0]) for a in for_now})),
+            ", ".join(sorted({str(reply[0]) for reply in for_now.values()})),
             "retried alone" if decision.should_retry else decision.reason,
             extra={
                 "delivery_id": str(claimed.delivery_id),
@@ -367,7 +385,11 @@ class DeliveryRules:
     ) -> Completion:
         """The Completion of a failed attempt: retry by the policy, or dead-letter.
 
-        `permanent` overrides the classification of `exc` (see `classify`).
+        `permanent` overrides the classification of `exc` (see `classify`). A
+        mail whose recipients left were all refused for good, while the settled
+        ones have it from an earlier attempt, is sent: it reached everyone it
+        could, as when a first attempt refuses some recipients beside accepted
+        ones. Dead-lettered, it was a false alarm that every resend repeated.
         """
         elapsed = time.monotonic() - started
         classified_permanent, outcome = classify(exc)
@@ -375,6 +397,7 @@ class DeliveryRules:
             permanent = classified_permanent
         code = exc.code if isinstance(exc, SendError) else None
         text = bounded(prefix + describe(exc))
+        refused = refusals(exc.refused) if isinstance(exc, SendError) else None
         attempt = AttemptRecord(
             outcome,
             duration_seconds=elapsed,
@@ -382,15 +405,18 @@ class DeliveryRules:
             error_class=type(exc).__name__,
             smtp_code=code,
             smtp_enhanced_code=exc.enhanced_code if isinstance(exc, SendError) else None,
+            refused=refused,
         )
+        reached_the_rest = permanent and refused is not None and bool(claimed.settled_recipients)
         decision = self._decide(claimed, elapsed, permanent=permanent)
         log.info(
-            "delivery %s attempt %d failed (%s): %s",
+            "delivery %s attempt %d failed (%s): %s%s",
             claimed.delivery_id,
             claimed.attempts,
             outcome.value,
             # Servers quote recipients in their replies; INFO never shows an address.
             redact_addresses(text),
+            "; sent, an earlier attempt reached the others" if reached_the_rest else "",
             extra={
                 "delivery_id": str(claimed.delivery_id),
                 "attempt": claimed.attempts,
@@ -398,6 +424,8 @@ class DeliveryRules:
                 "smtp_code": code,
             },
         )
+        if reached_the_rest:
+            return self.complete(claimed, Status.SENT, attempt)
         return self._as_decided(claimed, decision, attempt, text)
 
     def _decide(

@@ -17,6 +17,8 @@ Callers catch by meaning, never by message text::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import psycopg
 import sqlalchemy as sa
 
@@ -69,7 +71,9 @@ class SendError(MailOutboxError):
     """A transport failed to hand one message to the mail server.
 
     `code` is the SMTP reply code where the server gave one, `enhanced_code`
-    the RFC 3463 status (``"5.1.1"``) when the reply carried one.
+    the RFC 3463 status (``"5.1.1"``) when the reply carried one. `refused`,
+    when given, maps every recipient of the envelope to the (code, text) it was
+    refused with: the server took none of them, and the message was not sent.
     """
 
     def __init__(
@@ -78,11 +82,13 @@ class SendError(MailOutboxError):
         message: str,
         *,
         enhanced_code: str | None = None,
+        refused: Mapping[str, tuple[int, str]] | None = None,
     ) -> None:
         super().__init__(f"{code} {message}" if code is not None else message)
         self.code = code
         self.message = message
         self.enhanced_code = enhanced_code
+        self.refused = dict(refused) if refused else None
 
 
 class TransientSendError(SendError):

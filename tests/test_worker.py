@@ -298,6 +298,39 @@ def test_recipients_refused_for_now_are_retried_alone_until_the_last_attempt(
     ]
 
 
+def test_a_refusal_spelled_in_another_case_is_matched_to_its_recipient(outbox: Outbox) -> None:
+    """A transport may report addresses normalised: Bob still gets the mail on retry."""
+    outbox.enqueue(make_mail(to=["ann@example.com", "Bob.Smith@Example.com"]))
+    replies = [{"bob.smith@example.com": (451, "4.7.1 try later")}, {}]
+    transport = MemoryTransport(lambda envelope: SendResult(refused=replies.pop(0)))
+    w = worker(outbox, transport, retry=RetryPolicy(base_delay=timedelta(0)))
+    assert w.tick() == TickReport(claimed=1, retried=1)
+    assert w.tick() == TickReport(claimed=1, sent=1)
+    assert transport.sent[-1].recipients == ("Bob.Smith@Example.com",)
+
+
+def test_mail_expiring_before_it_reached_the_rest_says_so(
+    engine: sa.Engine, outbox: Outbox
+) -> None:
+    enq = outbox.enqueue(make_mail(to=["ann@example.com", "grey@example.com"]))
+    refused = {"grey@example.com": (451, "4.7.1 greylisted")}
+    transport = MemoryTransport(lambda envelope: SendResult(refused=refused))
+    assert worker(outbox, transport).tick() == TickReport(claimed=1, retried=1)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"UPDATE {SCHEMA}.mail_deliveries SET expires_at = now(), next_attempt_at = now()"
+            )
+        )
+    assert worker(outbox, transport).tick() == TickReport(claimed=1, dead_lettered=1)
+    last = outbox.list_attempts(enq.delivery_id)[-1]
+    assert (last.outcome, last.error) == (
+        Outcome.EXPIRED,
+        "expired before it could be sent to the rest of its recipients",
+    )
+    assert len(transport.sent) == 1
+
+
 @pytest.mark.parametrize(
     "refused",
     [

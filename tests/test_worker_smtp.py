@@ -132,6 +132,8 @@ def test_4xx_at_rcpt_retries(outbox: Outbox, sink: SmtpSink, reply: str) -> None
     [attempt] = outbox.list_attempts(enq.delivery_id)
     code, enhanced = reply.split()[:2]
     assert (attempt.smtp_code, attempt.smtp_enhanced_code) == (int(code), enhanced)
+    # Each recipient's own reply is kept, as for a partial refusal.
+    assert attempt.refused == {"busy@example.com": [int(code), reply.split(" ", 1)[1]]}
 
 
 def test_550_at_rcpt_dead_letters(outbox: Outbox, sink: SmtpSink) -> None:
@@ -265,6 +267,26 @@ def test_greylisted_cc_gets_the_mail_on_retry_and_a_550_is_not_retried(
         "grey@example.com",
     ]
     assert second.refused is None
+
+
+def test_greylisted_recipient_that_turns_out_not_to_exist_leaves_the_mail_sent(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """Greylisting comes before the mailbox check on many servers: 450, then 550. The
+    mail reached everyone it could, as if the 550 had come first; it used to be
+    dead-lettered, and every resend met the same 550."""
+    enq = outbox.enqueue(make_mail(to=["a@example.com", "typo@example.com"]))
+    sink.rcpt_replies = {"typo@example.com": "450 4.7.1 Greylisted"}
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, retried=1)
+    sink.rcpt_replies = {"typo@example.com": "550 5.1.1 No such user"}
+    sink_engine_update_due(outbox)
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, sent=1)
+    assert outbox.get_delivery(enq.delivery_id).status is Status.SENT
+    assert outbox.list_dead_letters().total == 0
+    last = outbox.list_attempts(enq.delivery_id)[-1]
+    assert (last.outcome, last.smtp_code) == (Outcome.PERMANENT_FAILURE, 550)
+    assert last.refused == {"typo@example.com": [550, "5.1.1 No such user"]}
+    assert [m.rcpt_tos for m in sink.messages] == [("a@example.com",)]
 
 
 def test_recipient_refused_for_now_until_attempts_run_out_is_dead_lettered_and_resent_alone(

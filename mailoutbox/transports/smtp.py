@@ -810,8 +810,8 @@ def _all_refused(refused: dict[str, tuple[int, str]]) -> SendError:
     message = f"{_RCPT}: all {len(replies)} recipient(s) refused; first: {code} {text}"
     enhanced = _enhanced_code(code, text)
     if transient:
-        return TransientSendError(code, message, enhanced_code=enhanced)
-    return PermanentSendError(code, message, enhanced_code=enhanced)
+        return TransientSendError(code, message, enhanced_code=enhanced, refused=refused)
+    return PermanentSendError(code, message, enhanced_code=enhanced, refused=refused)
 
 
 def _undelivered(deferred: tuple[int, str], exc: SendError) -> tuple[int, str]:
