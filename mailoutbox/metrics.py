@@ -14,18 +14,19 @@ ImportError with the install hint.
 
 Metrics (see README "Metrics"):
 
-==========================================  =========  ============================================
-mailoutbox_deliveries{status}               gauge      deliveries in each state (every state)
-mailoutbox_oldest_due_age_seconds           gauge      how long the oldest due delivery has waited
-mailoutbox_leases_in_flight                 gauge      deliveries leased by a worker (sending)
-mailoutbox_queue_scrape_errors_total        counter    failed reads of the queue state
-mailoutbox_attempts_total{outcome}          counter    send attempts by outcome
-mailoutbox_batch_deliveries_total{result}   counter    claimed deliveries by batch result
-mailoutbox_send_duration_seconds            histogram  time to render and hand one message over
-mailoutbox_leases_lost_total                counter    completions fenced off (lease taken over)
-mailoutbox_batches_total                    counter    batches completed
-mailoutbox_last_batch_timestamp_seconds     gauge      Unix time of the last completed batch
-==========================================  =========  ============================================
+============================================  =========  ===========================================
+mailoutbox_deliveries{status}                 gauge      deliveries in each state (every state)
+mailoutbox_oldest_due_age_seconds             gauge      how long the oldest due delivery has waited
+mailoutbox_leases_in_flight                   gauge      deliveries leased by a worker (sending)
+mailoutbox_queue_scrape_errors_total          counter    failed reads of the queue state
+mailoutbox_attempts_total{outcome}            counter    send attempts by outcome
+mailoutbox_refused_recipients_total{refusal}  counter    recipients refused: for_now (4xx), for_good
+mailoutbox_batch_deliveries_total{result}     counter    claimed deliveries by batch result
+mailoutbox_send_duration_seconds              histogram  time to render and hand one message over
+mailoutbox_leases_lost_total                  counter    completions fenced off (lease taken over)
+mailoutbox_batches_total                      counter    batches completed
+mailoutbox_last_batch_timestamp_seconds       gauge      Unix time of the last completed batch
+============================================  =========  ===========================================
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ log = logging.getLogger(__name__)
 SEND_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # TickReport fields, as values of mailoutbox_batch_deliveries_total{result}.
 BATCH_RESULTS = ("sent", "retried", "dead_lettered", "released", "lost")
+# Values of mailoutbox_refused_recipients_total{refusal}: a 4xx (retried for that
+# recipient), anything else (never retried).
+REFUSALS = ("for_now", "for_good")
+
+
+def _refusal(reply: Sequence[object]) -> str:
+    code = reply[0]
+    return "for_now" if isinstance(code, int) and 400 <= code < 500 else "for_good"
 
 
 class PrometheusObserver:
@@ -88,6 +97,12 @@ class PrometheusObserver:
             ["result"],
             registry=self.registry,
         )
+        self.refused_recipients = Counter(
+            "mailoutbox_refused_recipients",
+            "Recipients a server refused in an attempt: for_now (4xx, tried again) or for_good.",
+            ["refusal"],
+            registry=self.registry,
+        )
         self.send_duration = Histogram(
             "mailoutbox_send_duration_seconds",
             "Time to render one message and hand it to the transport, failures included.",
@@ -111,6 +126,8 @@ class PrometheusObserver:
             self.attempts.labels(outcome=outcome.value)
         for result in BATCH_RESULTS:
             self.batch_deliveries.labels(result=result)
+        for refusal in REFUSALS:
+            self.refused_recipients.labels(refusal=refusal)
         self._collector: OutboxCollector | None = None
         self._lock = threading.Lock()
 
@@ -121,6 +138,8 @@ class PrometheusObserver:
             if attempt is None:
                 continue
             self.attempts.labels(outcome=Outcome(attempt.outcome).value).inc()
+            for reply in (attempt.refused or {}).values():
+                self.refused_recipients.labels(refusal=_refusal(reply)).inc()
             if attempt.outcome is not Outcome.EXPIRED:
                 # An expired delivery was never handed to the transport: no duration.
                 self.send_duration.observe(max(0.0, attempt.duration_seconds))

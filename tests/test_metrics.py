@@ -92,6 +92,24 @@ def test_attempts_are_counted_by_outcome() -> None:
     assert value(observer, "mailoutbox_attempts_total", outcome="permanent_failure") == 0
 
 
+def test_refused_recipients_are_counted_by_whether_they_are_tried_again() -> None:
+    """A partial refusal and a refusal of every recipient both count, per recipient."""
+    observer = PrometheusObserver()
+    partial = AttemptRecord(
+        Outcome.SENT, refused={"grey@example.com": [451, "later"], "gone@example.com": [550, "no"]}
+    )
+    everyone = AttemptRecord(Outcome.PERMANENT_FAILURE, refused={"x@example.com": [None, "?"]})
+    observer.on_batch(
+        TickReport(claimed=2, retried=1, dead_lettered=1),
+        [
+            Completion(uuid.uuid4(), uuid.uuid4(), Status.RETRYING, partial),
+            Completion(uuid.uuid4(), uuid.uuid4(), Status.DEAD_LETTERED, everyone),
+        ],
+    )
+    assert value(observer, "mailoutbox_refused_recipients_total", refusal="for_now") == 1
+    assert value(observer, "mailoutbox_refused_recipients_total", refusal="for_good") == 2
+
+
 def test_every_outcome_series_exists_before_any_event() -> None:
     """All outcome and result series start at 0, so rate() and alerts see them at once."""
     observer = PrometheusObserver()
@@ -99,6 +117,8 @@ def test_every_outcome_series_exists_before_any_event() -> None:
         assert value(observer, "mailoutbox_attempts_total", outcome=outcome.value) == 0
     assert value(observer, "mailoutbox_batch_deliveries_total", result="lost") == 0
     assert value(observer, "mailoutbox_leases_lost_total") == 0
+    for refusal in ("for_now", "for_good"):
+        assert value(observer, "mailoutbox_refused_recipients_total", refusal=refusal) == 0
 
 
 def test_send_durations_fill_the_histogram() -> None:
