@@ -232,13 +232,14 @@ class DeliveryRules:
     def before_send(self, claimed: ClaimedDelivery) -> Completion | Envelope:
         """A Completion if the delivery must not be sent, else the Envelope to send."""
         if claimed.attempts > self.retry.max_attempts:
-            # Only reachable through lost leases: each was counted when claimed.
+            # Only reachable through a lost lease on the last attempt (each attempt is
+            # counted when claimed); the earlier ones may have failed in any way.
             return self.complete(
                 claimed,
                 Status.DEAD_LETTERED,
                 None,
                 reason=f"attempts exhausted ({self.retry.max_attempts}): "
-                "the worker holding it was lost each time",
+                "the worker holding the last one was lost (see the attempts for the others)",
             )
         if claimed.expires_at is not None and claimed.claimed_at >= claimed.expires_at:
             # Settled recipients have it: an earlier attempt sent it to them.
