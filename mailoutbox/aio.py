@@ -39,6 +39,7 @@ from .outbox import (
     as_delivery_id,
     check_page,
     check_purge,
+    require_psycopg,
     translate_missing_schema,
 )
 from .records import (
@@ -171,6 +172,7 @@ class AsyncOutbox(OutboxSettings):
         default_sender: str | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
+        require_psycopg(engine)
         super().__init__(
             schema=schema, default_sender=default_sender, max_payload_bytes=max_payload_bytes
         )

@@ -17,14 +17,14 @@ from datetime import datetime, timezone
 from email.charset import Charset
 from email.errors import MessageError, ObsoleteHeaderDefect
 from email.header import Header
-from email.headerregistry import BaseHeader
+from email.headerregistry import BaseHeader, UnstructuredHeader
 from email.message import EmailMessage, Message
 from email.utils import formataddr, getaddresses, parseaddr
 from typing import Any
 
 from .errors import InvalidMail
 from .records import Payload, Recipient
-from .render import decode_encoded_words, seven_bit_message, seven_bit_parts
+from .render import decode_encoded_words, folded_plain, seven_bit_message, seven_bit_parts
 from .schema import Kind
 
 DEFAULT_MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
@@ -61,6 +61,8 @@ _BODY_FORBIDDEN = re.compile("[\x00\ud800-\udfff]")
 _UTF8 = Charset("utf-8")
 # Characters that force a display name into quotes (RFC 5322 specials and runs of spaces).
 _NAME_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]|\s\s|^\s|\s$')
+# What formataddr leaves unquoted but a reader collapses: runs of spaces, edge spaces.
+_SPACE_RUNS = re.compile(r"\s\s|^\s|\s$")
 _HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")  # RFC 5322 ftext: printable ASCII but ':'
 _LOCAL_PART = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -121,7 +123,7 @@ def stored_address(name: str, addr: str) -> str:
     """
     if "=?" in name:
         return f"{_UTF8.header_encode(name)} <{addr}>"
-    if name.isascii():
+    if name.isascii() and not _SPACE_RUNS.search(name):
         return formataddr((name, addr))
     if _NAME_SPECIALS.search(name):
         name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -220,9 +222,23 @@ def _check_when(value: object, field_name: str) -> datetime | None:
     # In UTC, because PostgreSQL cannot take every offset Python can (16 h and more,
     # fractions of a second), and a DataError would abort the caller's transaction.
     try:
-        return value.astimezone(timezone.utc)
+        utc = value.astimezone(timezone.utc)
     except (OverflowError, ValueError) as exc:
         raise InvalidMail(f"{field_name} is out of range: {exc}", field=field_name) from exc
+    # A time near year 1 or 9999 (datetime.max, meant as "never") is stored, but read
+    # back in a session time zone east or west of UTC it is past what Python can hold:
+    # every read of the row failed, and a claimed one stayed `sending` for good.
+    if not _EARLIEST <= utc < _LATEST:
+        raise InvalidMail(
+            f"{field_name} must be between {_EARLIEST:%Y-%m-%d} and {_LATEST:%Y-%m-%d} UTC"
+            " (None means no time at all)",
+            field=field_name,
+        )
+    return utc
+
+
+_EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(9000, 1, 1, tzinfo=timezone.utc)
 
 
 # RFC 5322 folding as a parsed message holds it: a line break before whitespace. The
@@ -371,6 +387,13 @@ class Mail:
             raise InvalidMail("from_message needs an email.message.Message", field="message")
 
         senders = _message_addresses(message, "From")
+        if len(senders) > 1:
+            # A mail has one sender here (the envelope's, and the From the outbox writes);
+            # keeping the first would drop the other authors without a word.
+            raise InvalidMail(
+                f"the message's From holds {len(senders)} mailboxes; the outbox sends as one",
+                field="sender",
+            )
         subject_values = _raw_values(message, "Subject")
         subject: str | None = None
         if subject_values:
@@ -404,18 +427,23 @@ class PreparedMail:
 
 
 def _extra_headers(headers: object) -> list[tuple[str, str]]:
+    pairs: list[Any]
     if isinstance(headers, Mapping):
         pairs = list(headers.items())
     else:
         try:
-            pairs = [tuple(p) for p in headers]  # type: ignore[attr-defined]
+            pairs = [
+                # "ab" would be taken for the pair ("a", "b").
+                p if isinstance(p, (str, bytes)) else tuple(p)
+                for p in headers  # type: ignore[attr-defined]
+            ]
         except TypeError:
             raise InvalidMail(
                 "headers must be a mapping or a list of pairs", field="headers"
             ) from None
     out: list[tuple[str, str]] = []
     for pair in pairs:
-        if len(pair) != 2:
+        if isinstance(pair, (str, bytes)) or len(pair) != 2:
             raise InvalidMail("headers must be (name, value) pairs", field="headers")
         name, value = pair
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
@@ -424,7 +452,10 @@ def _extra_headers(headers: object) -> list[tuple[str, str]]:
             raise InvalidMail(
                 f"header {name!r} is set by the outbox; use the Mail field instead", field="headers"
             )
-        out.append((name, _check_header_text(value, f"header {name}")))
+        # Edge spaces mean nothing to a reader (leading ones are dropped), and trailing
+        # ones at the end of a header line change under a relay that trims lines,
+        # which breaks a DKIM signature with simple header canonicalisation.
+        out.append((name, _check_header_text(value, f"header {name}").strip(" ")))
     return out
 
 
@@ -435,12 +466,24 @@ _STRIPPED_FROM_MESSAGE = OWNED_HEADERS - {
 }
 
 
+# How the caller's message is written: header values exactly as _check_part_headers
+# leaves them (it folds each one itself or makes it a header object that folds itself).
+_MESSAGE_POLICY = email.policy.SMTP.clone(refold_source="none")
+
+
 def _check_part_headers(part: Message) -> None:
     """Raise InvalidMail for a header of `part` that could end its line early or hide another.
 
     Values are checked unfolded, as a reader sees them. A raw 8-bit value (or an
     email.header.Header, which policy.SMTP cannot fold) is stored again as a
     policy.default header object, so that it is written as RFC 2047 encoded-words.
+    A printable ASCII value of an unstructured header is folded before its spaces
+    and written as given: the email package folds such values at 78 characters and
+    encodes any word it cannot fit, which turned a long Message-ID in References or
+    In-Reply-To, a URL in List-Unsubscribe or a Content-ID into encoded-words that
+    no reader takes for one (threads, one-click unsubscribe and inline images
+    broke). Any other source value with a line over 78 characters is refolded by
+    its header object, as policy.SMTP would.
     """
     items = list(part.raw_items())
     rewritten = False
@@ -462,7 +505,23 @@ def _check_part_headers(part: Message) -> None:
             )
         if isinstance(value, Header) or (source and not text.isascii()):
             items[i] = (name, _HEADER_FACTORY(name, text))
-            rewritten = True
+        elif (
+            text.isascii()
+            and "=?" not in text
+            and issubclass(_HEADER_FACTORY[name], UnstructuredHeader)
+        ):
+            plain = folded_plain(name, text)
+            if plain is None:
+                raise InvalidMail(
+                    f"header {name} of the message has a word too long for a header line",
+                    field="message",
+                )
+            items[i] = (name, plain)
+        elif isinstance(value, str) and max(map(len, value.splitlines() or [""])) > 78:
+            items[i] = (name, _HEADER_FACTORY(name, text))
+        else:
+            continue
+        rewritten = True
     if rewritten:
         for name in {n.lower() for n, _ in items}:
             del part[name]
@@ -486,7 +545,7 @@ def _message_body(message: Message) -> bytes:
         # Before generating: the generator rewrites line breaks inside 8-bit payloads
         # byte by byte, which breaks UTF-16 text, and cannot write some of them at all.
         seven_bit_parts(stripped)
-        data = stripped.as_bytes(policy=email.policy.SMTP)
+        data = stripped.as_bytes(policy=_MESSAGE_POLICY)
         # Stored 7-bit clean (set_content leaves short non-ASCII text as 8bit), so render
         # passes it through as is instead of re-encoding it on every send.
         return seven_bit_message(data)

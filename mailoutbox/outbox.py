@@ -100,6 +100,18 @@ def _translated(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def require_psycopg(engine: sa.Engine | Any) -> None:
+    """Raise TypeError unless `engine` is PostgreSQL through psycopg 3, which every
+    statement is written for; another driver failed later, some with an error that
+    named nothing (asyncpg: "'NoneType' object has no attribute 'format'")."""
+    dialect = engine.dialect
+    if (dialect.name, dialect.driver) != ("postgresql", "psycopg"):
+        raise TypeError(
+            "mailoutbox needs PostgreSQL through the psycopg (3) driver"
+            f" (postgresql+psycopg://), not {dialect.name}+{dialect.driver}"
+        )
+
+
 class OutboxSettings:
     """What Outbox and AsyncOutbox share: the schema, the sender, the size limit."""
 
@@ -143,6 +155,7 @@ class Outbox(OutboxSettings):
         default_sender: str | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
+        require_psycopg(engine)
         super().__init__(
             schema=schema, default_sender=default_sender, max_payload_bytes=max_payload_bytes
         )

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from email.errors import HeaderParseError
 from email.generator import BytesGenerator
-from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser
 from email.utils import format_datetime, getaddresses, parseaddr
@@ -47,7 +46,8 @@ _FOLD_AT = 78
 _MAX_LINE = 998
 # A token longer than this cannot be folded into a legal line once a header name
 # (at most 76 characters, see mail._HEADER_NAME) precedes it; such text is
-# written as encoded-words instead, which can be split anywhere.
+# written as encoded-words instead, which can be split anywhere. (Unstructured
+# values are allowed what their own header name leaves: see `_fits`.)
 _MAX_TOKEN = 900
 _B64_LINE = 76
 
@@ -55,6 +55,8 @@ _B64_LINE = 76
 _PLAIN_TEXT = re.compile(r"[!-~](?:[ -~]*[!-~])?")
 # A display name made of RFC 5322 atoms separated by single spaces needs no quoting.
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+# Parses an unstructured header value as policy.default reads it (encoded-words decoded).
+_UNSTRUCTURED: Callable[[str, str], object] = email.policy.default.header_factory
 # What email.header and the policy.default parser take for the start of an encoded-word.
 _ENCODED_WORD_START = re.compile(r"=\?[^?]*\?[bBqQ]\?")
 # Split points for folding: a token is a run of non-spaces with the spaces before it,
@@ -224,8 +226,10 @@ def decode_encoded_words(text: str) -> str:
     if "=?" not in text:
         return text
     try:
-        return str(make_header(decode_header(text)))
-    except (HeaderParseError, LookupError, UnicodeError, ValueError):
+        # policy.default's reading, as a reader's: compat32's make_header put a space
+        # between an encoded-word and text right next to it ("Wörld !").
+        return str(_UNSTRUCTURED("subject", text))
+    except (HeaderParseError, LookupError, UnicodeError, ValueError, IndexError):
         return text
 
 
@@ -311,6 +315,23 @@ def _fold(name: str, tokens: Iterable[str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
+def _fits(name: str, tokens: Sequence[str]) -> bool:
+    """Whether `tokens`, folded after ``name:``, keep every line within 998 octets."""
+    return max(map(len, tokens)) <= _MAX_LINE - len(name) - 2
+
+
+def folded_plain(name: str, value: str) -> str | None:
+    """Printable ASCII `value` of header `name` folded before spaces (see `_fold`), as
+    the value of a header line (CRLF-separated, without the name): None when a word
+    of it is too long for any legal line."""
+    tokens = _TOKEN.findall(value)
+    if not tokens:
+        return value
+    if not _fits(name, tokens):
+        return None
+    return _fold(name, tokens).decode("ascii")[len(name) + 2 : -2]
+
+
 def _plain_subject(value: str) -> bool:
     # "=?" could be read as the start of an encoded-word; encode instead.
     return bool(_PLAIN_TEXT.fullmatch(value)) and "=?" not in value
@@ -332,7 +353,7 @@ def _unstructured_header(name: str, value: str, *, plain_ok: Callable[[str], boo
         if len(name) + len(value) + 2 <= _FOLD_AT:
             return f"{name}: {value}\r\n".encode("ascii")
         tokens = _TOKEN.findall(value)
-        if max(map(len, tokens)) <= _MAX_TOKEN:
+        if _fits(name, tokens):
             return _fold(name, tokens)
     first = (_FOLD_AT - len(name) - 2 - len(_EW_PREFIX) - len(_EW_SUFFIX)) // 4 * 3
     return _fold(name, _word_tokens(_encoded_words(value, min(first, _EW_MAX_BYTES))))

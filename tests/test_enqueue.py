@@ -396,3 +396,14 @@ def test_a_key_too_long_in_bytes_is_refused_before_it_can_abort_the_callers_tran
     assert row_counts(engine)["mail_deliveries"] == 1
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(orders)).scalar_one() == 1
+
+
+def test_an_outbox_on_another_driver_is_refused_when_it_is_made() -> None:
+    """Every statement is written for psycopg 3; another driver failed at the first
+    enqueue, asyncpg's with "'NoneType' object has no attribute 'format'"."""
+    engine = sa.create_engine("sqlite://")
+    try:
+        with pytest.raises(TypeError, match=r"psycopg \(3\).*not sqlite\+pysqlite"):
+            Outbox(engine)
+    finally:
+        engine.dispose()

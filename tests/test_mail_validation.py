@@ -206,9 +206,11 @@ def test_owned_header_is_rejected(name: str) -> None:
     assert rejected(make(headers={name: "x@example.com"})).field == "headers"
 
 
-def test_headers_that_are_not_pairs_are_rejected() -> None:
-    """`headers` must be a mapping or (name, value) pairs."""
-    assert rejected(make(headers=[("X-A", "1", "extra")])).field == "headers"
+@pytest.mark.parametrize("headers", [[("X-A", "1", "extra")], ["ab", "XY"], [b"ab"]])
+def test_headers_that_are_not_pairs_are_rejected(headers: list[Any]) -> None:
+    """`headers` must be a mapping or (name, value) pairs: a two-character string is not
+    one (it was taken for the header "a" with the value "b")."""
+    assert rejected(make(headers=headers)).field == "headers"
 
 
 def test_non_string_header_value_is_rejected() -> None:
@@ -276,6 +278,23 @@ def test_naive_datetime_is_rejected(field: str) -> None:
 def test_non_datetime_schedule_is_rejected(field: str) -> None:
     """send_at and expires_at must be datetimes."""
     assert rejected(make(**{field: "2030-01-01"})).field == field
+
+
+@pytest.mark.parametrize("field", ["send_at", "expires_at"])
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime.max.replace(tzinfo=timezone.utc),
+        datetime(1, 1, 1, 1, tzinfo=timezone.utc),
+        datetime(1969, 12, 31, 23, 59, tzinfo=timezone.utc),
+    ],
+)
+def test_a_time_no_session_time_zone_can_read_back_is_rejected(field: str, when: datetime) -> None:
+    """datetime.max as "never expires" was stored; read in a session time zone east of
+    UTC it is year 10000, which Python cannot hold: every read of the row failed, and
+    the worker that claimed it left it `sending` for good."""
+    error = rejected(make(**{field: when}))
+    assert error.field == field and "between 1970-01-01 and 9000-01-01" in str(error)
 
 
 def test_schedule_is_kept() -> None:
@@ -453,6 +472,15 @@ def test_from_message_picks_subject_sender_and_reply_to(message: EmailMessage) -
     assert payload.subject == "Invoice ✓"
     assert payload.sender == "Billing <billing@example.com>"
     assert list(payload.headers) == [("Reply-To", "help@example.com")]
+
+
+def test_from_message_with_several_authors_is_invalid(message: EmailMessage) -> None:
+    """The outbox sends as one sender: keeping the first author dropped the others."""
+    del message["From"]
+    message["From"] = "Alice <alice@example.com>, Bob <bob@example.com>"
+    with pytest.raises(InvalidMail) as info:
+        Mail.from_message(message, template_id="t", idempotency_key="k")
+    assert info.value.field == "sender"
 
 
 def test_from_message_strips_owned_headers_from_the_stored_body(message: EmailMessage) -> None:

@@ -8,6 +8,7 @@ modern parser (policy.default).
 from __future__ import annotations
 
 import dataclasses
+import email
 import email.policy
 import re
 import uuid
@@ -675,9 +676,89 @@ def test_long_header_values_read_back_intact() -> None:
         to=[formataddr(("n, " * 700, "a@example.com"))],
     )
     assert message["X-Word"] == "v" * 5000
-    assert message["X-Words"] == "v " * 2500
-    assert message["X-Trailing"] == trailing
+    # Edge spaces are dropped at enqueue (see test_header_values_lose_their_edge_spaces).
+    assert message["X-Words"] == ("v " * 2500).strip()
+    assert message["X-Trailing"] == trailing.strip()
     assert message["To"].addresses[0].display_name == "n, " * 700
+
+
+def test_header_values_lose_their_edge_spaces() -> None:
+    """A reader drops leading spaces, and trailing ones on a header line change under a
+    relay that trims lines (breaking DKIM's simple canonicalisation)."""
+    data = rendered(prepared(headers={"X-Lead": "  lead", "X-Trail": "trail  "})).message
+    assert b"X-Lead: lead\r\n" in data and b"X-Trail: trail\r\n" in data
+
+
+def test_a_word_as_long_as_its_header_line_allows_is_written_plain() -> None:
+    """A signed unsubscribe URL of 950 characters fits on the line after a short name;
+    it used to be sent as encoded-words, which no reader takes for a URL."""
+    url = "<https://e.example/" + "a" * 930 + ">"
+    data = rendered(prepared(headers={"List-Unsubscribe": url})).message
+    assert_wire_format(data)
+    assert f"List-Unsubscribe: {url}\r\n".encode() in data
+
+
+def test_an_ascii_display_name_with_a_run_of_spaces_keeps_it() -> None:
+    message = render_and_parse(to=['"a  b" <bob@example.com>'])
+    assert message["To"].addresses[0].display_name == "a  b"
+
+
+def test_from_message_long_message_ids_and_urls_are_written_plain() -> None:
+    """In-Reply-To, References, List-Unsubscribe and a Content-ID longer than a folded
+    line used to go out as RFC 2047 encoded-words: Outlook drops such references (no
+    threading), one-click unsubscribe stops working and inline images break."""
+    long_id = "<AM0PR07MB4531C1E7C0A0E5C2D1F3B2A4C5D6E7F8A9B0@AM0PR07MB4531.eurprd07.example.com>"
+    unsubscribe = "<https://news.example.com/unsubscribe?u=8f14e45fceea167a5a36dedd4bea2543&l=w>"
+    cid = "<179632771122.27493.11906043651337887551@ip-10-0-1-23.eu-west-1.compute.internal>"
+    message = EmailMessage()
+    message["From"] = "shop@example.com"
+    message["To"] = "alice@example.com"
+    message["Subject"] = "Re: your order"
+    message["In-Reply-To"] = long_id
+    message["References"] = f"<a@b.example> {long_id}"
+    message["List-Unsubscribe"] = f"{unsubscribe}, <mailto:unsubscribe@example.com>"
+    message.set_content("Hi")
+    message.add_alternative(f'<img src="cid:{cid[1:-1]}">', subtype="html")
+    message.get_payload()[1].add_related(b"\x89PNG", "image", "png", cid=cid)
+    data = render_message(message).message
+    assert_wire_format(data)
+    assert b"=?" not in data
+    head = data.partition(b"\r\n\r\n")[0].decode()
+    assert f"In-Reply-To: {long_id}\r\n" in head
+    assert f"References: <a@b.example>\r\n {long_id}\r\n" in head
+    assert f"List-Unsubscribe: {unsubscribe},\r\n <mailto:unsubscribe@example.com>" in head
+    assert f"Content-ID: {cid}\r\n".encode() in data
+    compat = BytesParser(policy=email.policy.compat32).parsebytes(data)
+    assert compat["In-Reply-To"] == long_id
+
+
+def test_from_message_header_with_a_word_too_long_for_any_line_is_invalid() -> None:
+    message = EmailMessage()
+    message["From"] = "shop@example.com"
+    message["To"] = "alice@example.com"
+    message["X-Token"] = "t" * 2000
+    message.set_content("Hi")
+    with pytest.raises(InvalidMail, match="X-Token"):
+        prepare(
+            Mail.from_message(message, template_id="t", idempotency_key="k"),
+            default_sender=SENDER,
+        )
+
+
+@pytest.mark.parametrize(
+    ("source", "subject"),
+    [
+        ("Hello =?utf-8?q?W=C3=B6rld?=!", "Hello Wörld!"),
+        ("=?utf-8?q?Gr=C3=BC=C3=9Fe?=, Hans", "Grüße, Hans"),
+    ],
+)
+def test_from_message_encoded_subject_reads_as_a_mail_reader_shows_it(
+    source: str, subject: str
+) -> None:
+    """compat32's decoding put a space between an encoded-word and the text next to it."""
+    data = f"From: a@example.com\r\nTo: b@example.com\r\nSubject: {source}\r\n\r\nhi\r\n"
+    message = email.message_from_string(data, policy=email.policy.compat32)
+    assert Mail.from_message(message, template_id="t", idempotency_key="k").subject == subject
 
 
 # --- property --------------------------------------------------------------------------------
