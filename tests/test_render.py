@@ -719,7 +719,9 @@ def test_from_message_long_message_ids_and_urls_are_written_plain() -> None:
     message["List-Unsubscribe"] = f"{unsubscribe}, <mailto:unsubscribe@example.com>"
     message.set_content("Hi")
     message.add_alternative(f'<img src="cid:{cid[1:-1]}">', subtype="html")
-    message.get_payload()[1].add_related(b"\x89PNG", "image", "png", cid=cid)
+    html = list(message.iter_parts())[1]
+    assert isinstance(html, EmailMessage)
+    html.add_related(b"\x89PNG", "image", "png", cid=cid)
     data = render_message(message).message
     assert_wire_format(data)
     assert b"=?" not in data
