@@ -117,6 +117,11 @@ def _refusal(reply: Any) -> list[Any]:
     return [code if isinstance(code, int) else None, bounded(str(text), 500)]
 
 
+def _for_now(code: object) -> bool:
+    """Whether a recipient refused with `code` may be accepted later (a 4xx)."""
+    return isinstance(code, int) and 400 <= code < 500
+
+
 def refused_for_now(
     refused: Mapping[str, list[Any]], recipients: Sequence[str]
 ) -> dict[str, list[Any]]:
@@ -128,11 +133,7 @@ def refused_for_now(
     report addresses normalised. A refusal without a code, or naming no recipient
     of the envelope, is not one of them.
     """
-    temporary = {
-        address: reply
-        for address, reply in refused.items()
-        if isinstance(reply[0], int) and 400 <= reply[0] < 500
-    }
+    temporary = {address: reply for address, reply in refused.items() if _for_now(reply[0])}
     if not temporary:
         return {}
     exact = {envelope_key(address): reply for address, reply in temporary.items()}
@@ -391,6 +392,10 @@ class DeliveryRules:
         ones have it from an earlier attempt, is sent: it reached everyone it
         could, as when a first attempt refuses some recipients beside accepted
         ones. Dead-lettered, it was a false alarm that every resend repeated.
+        If some of them were refused for now instead, the mail is retried for
+        those alone: the ones refused for good are settled too. (Before anyone
+        has the mail, nothing is settled: a mail whose recipients are all
+        settled must have reached one of them.)
         """
         elapsed = time.monotonic() - started
         classified_permanent, outcome = classify(exc)
@@ -427,7 +432,10 @@ class DeliveryRules:
         )
         if reached_the_rest:
             return self.complete(claimed, Status.SENT, attempt)
-        return self._as_decided(claimed, decision, attempt, text)
+        settled: tuple[str, ...] = ()
+        if refused and claimed.settled_recipients:
+            settled = tuple(a for a, (code, _) in refused.items() if not _for_now(code))
+        return self._as_decided(claimed, decision, attempt, text, settled)
 
     def _decide(
         self, claimed: ClaimedDelivery, elapsed: float, *, permanent: bool

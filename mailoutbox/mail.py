@@ -338,10 +338,10 @@ class Mail:
     `expires_at` the delivery is dead-lettered (reason ``expired``) instead of
     sent. Both must be timezone-aware.
 
-    `headers` values are text. Printable ASCII is written as given, so structured
-    headers such as List-Unsubscribe keep their syntax; anything else, including
-    ASCII a reader would decode as an RFC 2047 encoded-word, is sent encoded so
-    the recipient reads exactly the value given.
+    `headers` values are text, without the spaces at either end. Printable ASCII is
+    written as given, so structured headers such as List-Unsubscribe keep their
+    syntax; anything else, including ASCII a reader would decode as an RFC 2047
+    encoded-word, is sent encoded so the recipient reads exactly the value given.
     """
 
     template_id: str
@@ -482,8 +482,9 @@ def _check_part_headers(part: Message) -> None:
     encodes any word it cannot fit, which turned a long Message-ID in References or
     In-Reply-To, a URL in List-Unsubscribe or a Content-ID into encoded-words that
     no reader takes for one (threads, one-click unsubscribe and inline images
-    broke). Any other source value with a line over 78 characters is refolded by
-    its header object, as policy.SMTP would.
+    broke). Only a word too long for any header line is still encoded. Any other
+    source value with a line over 78 characters is refolded by its header object,
+    as policy.SMTP would.
     """
     items = list(part.raw_items())
     rewritten = False
@@ -503,21 +504,20 @@ def _check_part_headers(part: Message) -> None:
                 f"header {name} of the message is longer than {MAX_HEADER_VALUE_LENGTH} characters",
                 field="message",
             )
-        if isinstance(value, Header) or (source and not text.isascii()):
-            items[i] = (name, _HEADER_FACTORY(name, text))
-        elif (
-            text.isascii()
+        plain = (
+            folded_plain(name, text)
+            if text.isascii()
             and "=?" not in text
             and issubclass(_HEADER_FACTORY[name], UnstructuredHeader)
-        ):
-            plain = folded_plain(name, text)
-            if plain is None:
-                raise InvalidMail(
-                    f"header {name} of the message has a word too long for a header line",
-                    field="message",
-                )
+            else None
+        )
+        if plain is not None:
             items[i] = (name, plain)
-        elif isinstance(value, str) and max(map(len, value.splitlines() or [""])) > 78:
+        elif (
+            isinstance(value, Header)
+            or (source and not text.isascii())
+            or (isinstance(value, str) and max(map(len, value.splitlines() or [""])) > 78)
+        ):
             items[i] = (name, _HEADER_FACTORY(name, text))
         else:
             continue

@@ -99,7 +99,8 @@ class PrometheusObserver:
         )
         self.refused_recipients = Counter(
             "mailoutbox_refused_recipients",
-            "Recipients a server refused in an attempt: for_now (4xx, tried again) or for_good.",
+            "Recipients a server refused in an attempt: for_now (4xx, tried again) or "
+            "for_good (anything else, not tried again once another recipient has the mail).",
             ["refusal"],
             registry=self.registry,
         )

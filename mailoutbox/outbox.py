@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from . import operations as ops
 from .direct import direct
-from .errors import DeliveryNotFound, SchemaNotMigrated
+from .errors import DeliveryNotFound, SchemaNotMigrated, first_line
 from .mail import DEFAULT_MAX_PAYLOAD_BYTES, Mail, PreparedMail, normalize_address, prepare
 from .notify import AfterCommitNotifier
 from .records import Attempt, DeadLetter, Delivery, Enqueued, Page, Payload, Recipient
@@ -23,7 +23,7 @@ from .store import Store, run
 T = TypeVar("T")
 MAX_PAGE = 1000
 # SQLSTATEs meaning "the outbox tables/schema are not there".
-_UNDEFINED_TABLE, _INVALID_SCHEMA = "42P01", "3F000"
+_UNDEFINED_TABLE, _INVALID_SCHEMA, _UNDEFINED_COLUMN = "42P01", "3F000", "42703"
 
 
 def as_delivery_id(value: uuid.UUID | str) -> uuid.UUID:
@@ -78,7 +78,9 @@ def check_purge(older_than: timedelta, batch_size: int) -> None:
 
 @contextlib.contextmanager
 def translate_missing_schema(schema: str) -> Iterator[None]:
-    """Turn 'relation does not exist' into SchemaNotMigrated, which says what to do."""
+    """Turn 'relation does not exist' into SchemaNotMigrated, which says what to do;
+    also 'column does not exist': the tables are a migration behind this release
+    (application code deployed before `mailoutbox migrate` ran)."""
     try:
         yield
     except sa.exc.ProgrammingError as exc:
@@ -87,6 +89,11 @@ def translate_missing_schema(schema: str) -> Iterator[None]:
             raise SchemaNotMigrated(
                 f"the mailoutbox tables are missing in schema {schema!r}: "
                 "run `mailoutbox migrate` or mailoutbox.migrate(engine)"
+            ) from exc
+        if code == _UNDEFINED_COLUMN:
+            raise SchemaNotMigrated(
+                f"the mailoutbox tables in schema {schema!r} are behind this release "
+                f"({first_line(exc)}): run `mailoutbox migrate` or mailoutbox.migrate(engine)"
             ) from exc
         raise
 

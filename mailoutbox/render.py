@@ -228,9 +228,12 @@ def decode_encoded_words(text: str) -> str:
     try:
         # policy.default's reading, as a reader's: compat32's make_header put a space
         # between an encoded-word and text right next to it ("Wörld !").
-        return str(_UNSTRUCTURED("subject", text))
+        decoded = str(_UNSTRUCTURED("subject", text))
     except (HeaderParseError, LookupError, UnicodeError, ValueError, IndexError):
         return text
+    # Words it could not decode (a mislabelled charset) come out as U+FFFD: the text
+    # as given says more than a replacement character.
+    return text if "\ufffd" in decoded and "\ufffd" not in text else decoded
 
 
 @functools.lru_cache(maxsize=1024)
@@ -316,8 +319,11 @@ def _fold(name: str, tokens: Iterable[str]) -> bytes:
 
 
 def _fits(name: str, tokens: Sequence[str]) -> bool:
-    """Whether `tokens`, folded after ``name:``, keep every line within 998 octets."""
-    return max(map(len, tokens)) <= _MAX_LINE - len(name) - 2
+    """Whether `tokens`, folded after ``name:``, keep every line within 998 octets: the
+    first shares its line with the name, any other may have a line of its own."""
+    return len(tokens[0]) <= _MAX_LINE - len(name) - 2 and all(
+        len(token) <= _MAX_LINE for token in tokens[1:]
+    )
 
 
 def folded_plain(name: str, value: str) -> str | None:

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+import mailoutbox
 from mailoutbox import (
     DeliveryNotFound,
     InvalidTransition,
@@ -315,6 +316,23 @@ def test_unmigrated_database_raises_schema_not_migrated(empty_db_url: sa.URL) ->
             outbox.enqueue(make_mail())
         with pytest.raises(SchemaNotMigrated):
             outbox.count_by_status()
+    finally:
+        engine.dispose()
+
+
+def test_a_schema_a_migration_behind_raises_schema_not_migrated(empty_db_url: sa.URL) -> None:
+    """Application code deployed before `mailoutbox migrate` ran: reads, cancel and resend
+    said "column ... does not exist" (psycopg's UndefinedColumn), not what to do."""
+    engine = sa.create_engine(empty_db_url)
+    try:
+        mailoutbox.migrate(engine, revision="0004")
+        outbox = Outbox(engine, default_sender="a@example.com")
+        enq = outbox.enqueue(make_mail())
+        for call in (outbox.get_delivery, outbox.cancel, outbox.resend):
+            with pytest.raises(SchemaNotMigrated, match=r"behind this release.*migrate"):
+                call(enq.delivery_id)
+        with pytest.raises(SchemaNotMigrated):
+            outbox.list_deliveries()
     finally:
         engine.dispose()
 

@@ -13,7 +13,7 @@ import email.policy
 import re
 import uuid
 from datetime import datetime, timedelta, timezone
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import formataddr
@@ -734,17 +734,27 @@ def test_from_message_long_message_ids_and_urls_are_written_plain() -> None:
     assert compat["In-Reply-To"] == long_id
 
 
-def test_from_message_header_with_a_word_too_long_for_any_line_is_invalid() -> None:
+def test_from_message_header_with_a_word_too_long_for_any_line_is_sent_encoded() -> None:
+    """As Mail(headers=...) sends it: encoded-words are the only legal way to write it."""
     message = EmailMessage()
     message["From"] = "shop@example.com"
     message["To"] = "alice@example.com"
     message["X-Token"] = "t" * 2000
     message.set_content("Hi")
-    with pytest.raises(InvalidMail, match="X-Token"):
-        prepare(
-            Mail.from_message(message, template_id="t", idempotency_key="k"),
-            default_sender=SENDER,
-        )
+    data = render_message(message).message
+    assert_wire_format(data)
+    assert parse(data)["X-Token"] == "t" * 2000
+
+
+def test_from_message_email_header_object_with_a_long_message_id_is_written_plain() -> None:
+    """An email.header.Header value of ASCII text took the encoded-words path."""
+    long_id = "<AM0PR07MB4531C1E7C0A0E5C2D1F3B2A4C5D6E7F8A9B0@AM0PR07MB4531.eurprd07.example.com>"
+    message = email.message_from_string(
+        "From: a@example.com\r\nTo: b@example.com\r\n\r\nhi\r\n", policy=email.policy.compat32
+    )
+    message["In-Reply-To"] = Header(long_id, "utf-8")  # type: ignore[assignment]
+    data = render_message(message).message  # type: ignore[arg-type]
+    assert f"In-Reply-To: {long_id}\r\n".encode() in data
 
 
 @pytest.mark.parametrize(
@@ -761,6 +771,14 @@ def test_from_message_encoded_subject_reads_as_a_mail_reader_shows_it(
     data = f"From: a@example.com\r\nTo: b@example.com\r\nSubject: {source}\r\n\r\nhi\r\n"
     message = email.message_from_string(data, policy=email.policy.compat32)
     assert Mail.from_message(message, template_id="t", idempotency_key="k").subject == subject
+
+
+def test_from_message_subject_with_words_that_cannot_be_decoded_is_kept_as_given() -> None:
+    """A mislabelled charset: the text as given, not replacement characters."""
+    source = "=?utf-8?q?Rechnung_f=FCr_Mai?="
+    data = f"From: a@example.com\r\nTo: b@example.com\r\nSubject: {source}\r\n\r\nhi\r\n"
+    message = email.message_from_string(data, policy=email.policy.compat32)
+    assert Mail.from_message(message, template_id="t", idempotency_key="k").subject == source
 
 
 # --- property --------------------------------------------------------------------------------

@@ -289,6 +289,32 @@ def test_greylisted_recipient_that_turns_out_not_to_exist_leaves_the_mail_sent(
     assert [m.rcpt_tos for m in sink.messages] == [("a@example.com",)]
 
 
+def test_a_recipient_refused_for_good_on_a_retry_refused_as_a_whole_is_not_tried_again(
+    outbox: Outbox, sink: SmtpSink
+) -> None:
+    """The retry's recipients all refused, one for now and one for good: the next
+    attempt goes to the first alone (the second was tried at every attempt)."""
+    enq = outbox.enqueue(make_mail(to=["ok@example.com", "grey@example.com", "typo@example.com"]))
+    sink.rcpt_replies = {
+        "grey@example.com": "450 4.7.1 Greylisted",
+        "typo@example.com": "450 4.7.1 Greylisted",
+    }
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, retried=1)
+    sink.rcpt_replies = {
+        "grey@example.com": "450 4.7.1 Greylisted",
+        "typo@example.com": "550 5.1.1 No such user",
+    }
+    sink_engine_update_due(outbox)
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, retried=1)
+    delivery = outbox.get_delivery(enq.delivery_id)
+    assert delivery.settled_recipients == ("ok@example.com", "typo@example.com")
+    sink.rcpt_replies = {"typo@example.com": "550 5.1.1 No such user"}
+    sink_engine_update_due(outbox)
+    assert run_tick(smtp_worker(outbox, sink)) == TickReport(claimed=1, sent=1)
+    assert [m.rcpt_tos for m in sink.messages] == [("ok@example.com",), ("grey@example.com",)]
+    assert outbox.list_attempts(enq.delivery_id)[-1].refused is None
+
+
 def test_recipient_refused_for_now_until_attempts_run_out_is_dead_lettered_and_resent_alone(
     outbox: Outbox, sink: SmtpSink
 ) -> None:
