@@ -141,10 +141,18 @@ def test_an_interrupted_demo_leaves_no_server_and_no_directory(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # A runner started in the background without job control (`cmd &` in a script)
+        # ignores SIGINT, and an ignored SIGINT is inherited: Python then installs no
+        # KeyboardInterrupt handler, and the demo would never see the Ctrl-C sent here.
+        preexec_fn=_sigint_default,
     ) as process:
         _interrupt(process, after, signals)
     assert demo_servers(demo_tmpdir) == {}
     assert list(demo_tmpdir.glob("mailoutbox-demo-pg-*")) == []
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _interrupt(
